@@ -1,0 +1,113 @@
+"""The one settings object of inferq.
+
+Every process (API, worker, Flower, client, demo) builds one `Settings` and passes it down; nothing else reads the
+environment. Values come, highest first, from keyword arguments, `INFERQ_*` environment variables, then the TOML
+settings file named by `INFERQ_SETTINGS_FILE` (or `./inferq.toml` when it exists), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_DIR = Path(__file__).resolve().parent
+DEFAULT_REGISTRY_PATH = CONFIG_DIR / "models.toml"
+DEFAULT_MODELS_DIR = CONFIG_DIR.parent / "models"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+SETTINGS_FILE_ENV = "INFERQ_SETTINGS_FILE"
+_DEFAULT_SETTINGS_FILE = Path("inferq.toml")
+
+
+def _settings_file() -> Path | None:
+    named = os.environ.get(SETTINGS_FILE_ENV)
+    if named:
+        return Path(named)
+    return _DEFAULT_SETTINGS_FILE if _DEFAULT_SETTINGS_FILE.is_file() else None
+
+
+class Settings(BaseSettings):
+    """Settings with their units in their names; every default is the one a single-host install wants."""
+
+    model_config = SettingsConfigDict(env_prefix="INFERQ_", extra="ignore", frozen=True)
+
+    # --- connections
+    redis_url: SecretStr | None = Field(
+        default=None,
+        description="Broker, job store and blob store. Unset: commands use redis://127.0.0.1:6379/0 and the "
+        "demo starts a private Redis.",
+    )
+    api_url: str = Field(default="http://127.0.0.1:8000", description="Where clients find the HTTP API.")
+
+    # --- models
+    registry_path: Path = Field(default=DEFAULT_REGISTRY_PATH, description="The model registry (TOML).")
+    models_dir: Path = Field(
+        default=DEFAULT_MODELS_DIR, description="Where relative weight paths of the registry are looked up."
+    )
+
+    # --- retention, in seconds
+    result_ttl_s: int = Field(default=24 * 3600, gt=0, description="How long a finished job and its blob stay.")
+    queued_ttl_s: int = Field(default=24 * 3600, gt=0, description="A job not started within this time ends `expired`.")
+    broker_visibility_timeout_s: int = Field(
+        default=2 * 3600,
+        gt=0,
+        description="Redis redelivers an unacknowledged message after this; must exceed every model's time limit.",
+    )
+
+    # --- intake limits
+    max_upload_bytes: int = Field(default=64 * 1024 * 1024, gt=0, description="Largest accepted upload.")
+    max_image_pixels: int = Field(
+        default=40_000_000, gt=0, description="Largest accepted image (rows x columns x frames), checked before decode."
+    )
+
+    # --- HTTP API and Flower
+    api_host: str = Field(default="127.0.0.1", description="Loopback unless told otherwise.")
+    api_port: int = Field(default=8000, ge=0, le=65535)
+    flower_host: str = Field(default="127.0.0.1", description="Loopback unless told otherwise.")
+    flower_port: int = Field(default=5555, ge=0, le=65535)
+
+    # --- workers
+    device: Literal["cpu", "cuda"] = Field(default="cpu", description="Where a worker runs its models.")
+    worker_concurrency: int = Field(default=1, gt=0, description="Worker processes per `inferq worker`.")
+    torch_threads: int = Field(
+        default=0, ge=0, description="Intra-op threads per worker process; 0 divides the cores among processes."
+    )
+
+    # --- demo
+    data_dir: Path = Field(default=Path(".inferq"), description="Private Redis data (AOF) and demo samples.")
+
+    @field_validator("registry_path", "models_dir", "data_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @property
+    def redis_url_or_default(self) -> str:
+        return self.redis_url.get_secret_value() if self.redis_url else DEFAULT_REDIS_URL
+
+    def resolve_weights(self, relative: str) -> Path:
+        path = Path(relative).expanduser()
+        return path if path.is_absolute() else self.models_dir / path
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        settings_file = _settings_file()
+        if settings_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=settings_file))
+        return tuple(sources)

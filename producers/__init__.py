@@ -1,0 +1,1 @@
+"""The client side: the submission path, the HTTP API, the Python client and the `inferq` command. No torch."""

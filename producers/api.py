@@ -1,0 +1,274 @@
+"""The HTTP API: submit jobs, poll them, cancel them, list models. Every error is `{"error": {code, message,
+retryable}}` with a 4xx or 503 status; no stack trace and no patient data ever reaches a client."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from config import Settings
+from producers.submit import JobSubmitter, SubmitOptions
+from protocol.celery_config import build_celery
+from protocol.codec import TensorPayload
+from protocol.connections import Stores, open_stores
+from protocol.errors import BackendUnavailable, InferqError, InvalidRequest, PayloadTooLarge, error_payload
+from protocol.intake import FileUpload, TensorUpload
+from protocol.registry import Registry, load_registry
+
+log = logging.getLogger(__name__)
+
+JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled", "expired"]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    retryable: bool
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class TensorJobRequest(BaseModel):
+    """A tensor job in the Open Inference Protocol (KServe v2) form, plus inferq's job options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[TensorPayload] = Field(min_length=1)
+    callback_url: str | None = None
+    priority: int = 0
+    idempotency_key: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    status: JobStatusName
+    status_url: str
+
+
+class JobView(BaseModel):
+    job_id: str
+    model: str | None
+    model_version: str | None
+    status: JobStatusName
+    submitted_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    attempts: int
+    result: dict[str, Any] | None
+    error: ErrorBody | None
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 404, 409, 413, 415, 422, 503)
+}
+_SUBMIT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "DICOM, PNG or JPEG"},
+                        "callback_url": {"type": "string"},
+                        "priority": {"type": "integer", "minimum": 0, "maximum": 9},
+                        "idempotency_key": {"type": "string"},
+                    },
+                }
+            },
+            "application/json": {
+                "schema": TensorJobRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            },
+        },
+    }
+}
+
+
+@dataclass
+class ApiState:
+    settings: Settings
+    registry: Registry
+    stores: Stores
+    submitter: JobSubmitter
+
+
+def _error_response(status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": payload}, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(InferqError)
+    async def _inferq_error(_: Request, exc: InferqError) -> JSONResponse:
+        return _error_response(exc.http_status, exc.to_dict())
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(422, InvalidRequest(_describe_validation(exc.errors())).to_dict())
+
+    @app.exception_handler(redis.RedisError)
+    async def _redis_error(_: Request, exc: redis.RedisError) -> JSONResponse:
+        log.warning("redis error: %s", type(exc).__name__)
+        return _error_response(503, BackendUnavailable("the job store is unavailable; try again").to_dict())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error_response(exc.status_code, {"code": code, "message": str(exc.detail), "retryable": False})
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected %s in the API", type(exc).__name__)
+        return _error_response(500, error_payload(exc))
+
+
+def _describe_validation(errors: Any) -> str:
+    parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in list(errors)[:5]]
+    return "invalid request: " + "; ".join(parts)
+
+
+async def _read_upload(request: Request, settings: Settings) -> tuple[FileUpload, dict[str, Any]]:
+    form = await request.form(max_files=1, max_fields=10)
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise InvalidRequest("a multipart upload needs its file in the field 'file'")
+    data = await upload.read(settings.max_upload_bytes + 1)
+    if len(data) > settings.max_upload_bytes:
+        raise PayloadTooLarge(f"the upload exceeds {settings.max_upload_bytes} bytes")
+    fields = {k: v for k, v in form.items() if k != "file" and isinstance(v, str)}
+    return FileUpload(data=data, filename=upload.filename or ""), fields
+
+
+async def _read_tensor_json(request: Request) -> tuple[TensorUpload, dict[str, Any]]:
+    try:
+        body = TensorJobRequest.model_validate_json(await request.body())
+    except ValidationError as e:
+        raise InvalidRequest(_describe_validation(e.errors())) from e
+    options = {"callback_url": body.callback_url, "priority": body.priority, "idempotency_key": body.idempotency_key}
+    return TensorUpload(inputs=body.inputs), options
+
+
+def _options(fields: dict[str, Any], header_key: str | None) -> SubmitOptions:
+    priority = fields.get("priority")
+    try:
+        priority_value = int(priority) if priority not in (None, "") else 0
+    except (TypeError, ValueError) as e:
+        raise InvalidRequest(f"priority must be an integer 0..9, got {priority!r}") from e
+    key = fields.get("idempotency_key") or header_key
+    return SubmitOptions(callback_url=fields.get("callback_url") or None, priority=priority_value, idempotency_key=key)
+
+
+def _check_length(request: Request, settings: Settings) -> None:
+    length = request.headers.get("content-length")
+    # Multipart framing adds a little; refuse early only what cannot fit by any measure.
+    if length and length.isdigit() and int(length) > settings.max_upload_bytes + 64 * 1024:
+        raise PayloadTooLarge(f"the upload exceeds {settings.max_upload_bytes} bytes")
+
+
+def _register_job_routes(app: FastAPI, state: ApiState) -> None:
+    @app.post(
+        "/v1/models/{model}/jobs",
+        status_code=202,
+        response_model=JobAccepted,
+        responses=_ERRORS,
+        openapi_extra=_SUBMIT_BODY,
+        summary="Submit a job: a file upload (image models) or OIP tensors as JSON (tensor models)",
+    )
+    async def submit_job(
+        model: str, request: Request, idempotency_key: str | None = Header(default=None)
+    ) -> JSONResponse:
+        state.registry.get_model(model)
+        _check_length(request, state.settings)
+        content_type = request.headers.get("content-type", "")
+        upload: FileUpload | TensorUpload
+        if content_type.startswith("multipart/form-data"):
+            upload, fields = await _read_upload(request, state.settings)
+        elif content_type.startswith("application/json"):
+            upload, fields = await _read_tensor_json(request)
+        else:
+            raise InvalidRequest("send multipart/form-data with a 'file' field, or application/json with 'inputs'")
+        receipt = await run_in_threadpool(state.submitter.submit, model, upload, _options(fields, idempotency_key))
+        status_url = str(request.url_for("get_job", job_id=receipt.job_id))
+        accepted = JobAccepted(job_id=receipt.job_id, status=receipt.status, status_url=status_url)  # type: ignore[arg-type]
+        headers = {"Location": status_url}
+        if receipt.replayed:
+            headers["Idempotent-Replayed"] = "true"
+        return JSONResponse(status_code=202, content=accepted.model_dump(), headers=headers)
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobView, responses=_ERRORS, name="get_job")
+    def get_job(job_id: str) -> dict[str, Any]:
+        return state.stores.jobs.view(job_id)
+
+    @app.delete("/v1/jobs/{job_id}", response_model=JobView, responses=_ERRORS, summary="Cancel a queued job")
+    def cancel_job(job_id: str) -> dict[str, Any]:
+        state.stores.jobs.cancel(job_id)
+        return state.stores.jobs.view(job_id)
+
+
+def _register_model_routes(app: FastAPI, state: ApiState) -> None:
+    @app.get("/v1/models", summary="The model registry, with each model's queue depth")
+    def list_models() -> dict[str, Any]:
+        depths = state.submitter.queue_depths()
+        return {"models": [{**spec.metadata(), "queue_depth": depths[name]} for name, spec in state.registry.items()]}
+
+    @app.get("/v1/models/{model}", responses=_ERRORS)
+    def get_model(model: str) -> dict[str, Any]:
+        spec = state.registry.get_model(model)
+        return {**spec.metadata(), "queue_depth": state.submitter.queue_depths()[model]}
+
+
+def _register_health_routes(app: FastAPI, state: ApiState) -> None:
+    @app.get("/healthz", summary="The API process is alive")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Ready only when Redis answers", responses={503: {"model": ErrorResponse}})
+    def readyz() -> dict[str, str]:
+        try:
+            state.stores.text.ping()
+        except redis.RedisError as e:
+            raise BackendUnavailable("Redis does not answer") from e
+        return {"status": "ready"}
+
+
+def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
+    settings = settings or Settings()
+    registry = registry or load_registry(settings.registry_path)
+    stores = open_stores(
+        settings.redis_url_or_default, queued_ttl_s=settings.queued_ttl_s, result_ttl_s=settings.result_ttl_s
+    )
+    celery_app = build_celery(settings, registry)
+    submitter = JobSubmitter(settings=settings, registry=registry, stores=stores, celery_app=celery_app)
+    state = ApiState(settings=settings, registry=registry, stores=stores, submitter=submitter)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
+        yield
+        celery_app.close()
+        stores.text.close()
+
+    app = FastAPI(
+        title="inferq",
+        version="0.1.0",
+        description="Asynchronous inference jobs on Celery and Redis. Models marked trained=false are untrained.",
+        lifespan=lifespan,
+    )
+    _install_error_handlers(app)
+    _register_job_routes(app, state)
+    _register_model_routes(app, state)
+    _register_health_routes(app, state)
+    return app

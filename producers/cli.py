@@ -1,0 +1,202 @@
+"""The `inferq` command. Client commands live here and import no torch; the worker commands (`worker`,
+`predict`) import worker code inside the command, so a client install without torch still runs the rest."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from config import Settings
+from producers.client import FINAL_STATUSES, InferqClient
+from protocol.errors import InferqError, RemoteError
+
+_WORKER_EXTRA_HINT = "the worker commands need torch: pip install 'inferq[worker]'"
+
+
+def _settings(**overrides: Any) -> Settings:
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, separators=(",", ":")))
+
+
+@click.group()
+def main() -> None:
+    """inferq: asynchronous inference jobs on Celery and Redis."""
+
+
+def _submit_one(client: InferqClient, model: str, path: Path, options: dict[str, Any]) -> str:
+    if path.suffix.lower() == ".json":
+        document = json.loads(path.read_text(encoding="utf-8"))
+        return client.submit(model, inputs=document["inputs"], **options)
+    return client.submit(model, path, **options)
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", required=True, help="Registry name, e.g. chest-xray.")
+@click.option("--wait/--no-wait", default=False, help="Wait for every job and print its outcome.")
+@click.option("--timeout-s", default=600.0, show_default=True, help="How long --wait waits for all jobs.")
+@click.option("--priority", type=int, default=None)
+@click.option("--callback-url", default=None)
+@click.option("--api-url", default=None, help="Default: INFERQ_API_URL or http://127.0.0.1:8000.")
+def submit(
+    files: tuple[Path, ...],
+    model: str,
+    wait: bool,
+    timeout_s: float,
+    priority: int | None,
+    callback_url: str | None,
+    api_url: str | None,
+) -> None:
+    """Submit FILES (images, or JSON files of OIP inputs) as jobs; print one JSON line per file."""
+    settings = _settings(api_url=api_url)
+    options = {"priority": priority, "callback_url": callback_url}
+    failed = False
+    with InferqClient(settings.api_url) as client:
+        submitted: list[tuple[Path, str]] = []
+        for path in tqdm(files, desc="submitting", unit="file", disable=len(files) < 2, file=sys.stderr):
+            try:
+                submitted.append((path, _submit_one(client, model, path, options)))
+            except (RemoteError, ValueError, KeyError) as e:
+                failed = True
+                _print_json({"file": str(path), "status": "rejected", "error": _error_of(e)})
+        if not wait:
+            for path, job_id in submitted:
+                _print_json({"file": str(path), "job_id": job_id, "status": "queued"})
+        else:
+            failed |= _wait_all(client, submitted, timeout_s)
+    sys.exit(1 if failed else 0)
+
+
+def _error_of(exc: Exception) -> dict[str, Any]:
+    if isinstance(exc, InferqError):
+        return exc.to_dict()
+    return {"code": "invalid_request", "message": str(exc), "retryable": False}
+
+
+def _wait_all(client: InferqClient, submitted: list[tuple[Path, str]], timeout_s: float) -> bool:
+    """Poll every job until final; print each as it ends. True if any did not succeed."""
+    deadline = time.monotonic() + timeout_s
+    pending = dict((job_id, path) for path, job_id in submitted)
+    failed = False
+    with tqdm(total=len(pending), desc="waiting", unit="job", disable=len(pending) < 2, file=sys.stderr) as bar:
+        while pending and time.monotonic() < deadline:
+            for job_id, path in list(pending.items()):
+                job = client.status(job_id)
+                if job["status"] in FINAL_STATUSES:
+                    del pending[job_id]
+                    bar.update(1)
+                    failed |= job["status"] != "succeeded"
+                    _print_json({"file": str(path), **job})
+            time.sleep(0.25 if pending else 0)
+    for job_id, path in pending.items():
+        _print_json({"file": str(path), "job_id": job_id, "status": "timeout"})
+    return failed or bool(pending)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--api-url", default=None)
+def status(job_id: str, api_url: str | None) -> None:
+    """Print a job's status and result as JSON."""
+    with InferqClient(_settings(api_url=api_url).api_url) as client:
+        _run_client(lambda: client.status(job_id))
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--api-url", default=None)
+def cancel(job_id: str, api_url: str | None) -> None:
+    """Cancel a job that has not started."""
+    with InferqClient(_settings(api_url=api_url).api_url) as client:
+        _run_client(lambda: client.cancel(job_id))
+
+
+@main.command()
+@click.option("--api-url", default=None)
+def models(api_url: str | None) -> None:
+    """List the models the API serves, with queue depths."""
+    with InferqClient(_settings(api_url=api_url).api_url) as client:
+        _run_client(lambda: {"models": client.models()})
+
+
+def _run_client(call: Any) -> None:
+    try:
+        _print_json(call())
+    except RemoteError as e:
+        _print_json({"error": e.to_dict()})
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--host", default=None, help="Default: INFERQ_API_HOST (127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Default: INFERQ_API_PORT (8000).")
+def api(host: str | None, port: int | None) -> None:
+    """Serve the HTTP API (OpenAPI docs at /docs)."""
+    import uvicorn
+
+    from producers.api import create_app
+
+    settings = _settings(api_host=host, api_port=port)
+    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_level="info")
+
+
+@main.command()
+@click.option("--host", default=None, help="Default: INFERQ_FLOWER_HOST (127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Default: INFERQ_FLOWER_PORT (5555).")
+def flower(host: str | None, port: int | None) -> None:
+    """Start Flower against the same broker."""
+    settings = _settings(flower_host=host, flower_port=port)
+    argv = [sys.executable, "-m", "celery", "-A", "producers.celery_app", "flower"]
+    argv += [f"--address={settings.flower_host}", f"--port={settings.flower_port}"]
+    # Replace this process, so Ctrl-C and service managers reach Flower itself.
+    os.execv(sys.executable, argv)  # noqa: S606
+
+
+def _worker_cli() -> Any:
+    try:
+        return importlib.import_module("workers.cli")
+    except ModuleNotFoundError as e:
+        raise click.ClickException(f"{_WORKER_EXTRA_HINT} ({e.name} is missing)") from e
+
+
+@main.command()
+@click.option("--pool", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
+@click.option("--models", "model_names", default=None, help="Comma-separated; default: the pool's models.")
+@click.option("--concurrency", type=int, default=None, help="Worker processes (default INFERQ_WORKER_CONCURRENCY).")
+@click.option("--loglevel", default="info", show_default=True)
+def worker(pool: str, model_names: str | None, concurrency: int | None, loglevel: str) -> None:
+    """Start a Celery worker consuming the models' queues."""
+    names = [n.strip() for n in model_names.split(",") if n.strip()] if model_names else None
+    _worker_cli().run_worker(pool=pool, models=names, concurrency=concurrency, loglevel=loglevel)
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", required=True)
+def predict(files: tuple[Path, ...], model: str) -> None:
+    """Run a model in this process, no queue: print the result JSON a served job gives, one line per file."""
+    sys.exit(_worker_cli().predict_files(model, list(files)))
+
+
+@main.command()
+@click.option("--exit-after-samples", is_flag=True, help="Stop once the samples are done (scripts, tests).")
+def demo(exit_after_samples: bool) -> None:
+    """Start Redis (unless configured), a worker, the API and Flower; submit sample X-rays; print findings."""
+    from producers.demo import run_demo
+
+    sys.exit(run_demo(Settings(), stay_up=not exit_after_samples))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""`inferq demo`: the whole system on one host. Starts a private Redis (unless one is configured), one CPU worker,
+the HTTP API and Flower; submits sample chest X-rays and a fraud tensor over HTTP; prints the findings."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from config import Settings
+from producers.client import InferqClient
+from producers.redis_server import EmbeddedRedis, free_port, port_is_free
+from producers.samples import write_samples
+from producers.stack import ServiceStack
+from protocol.connections import redact_url
+from protocol.errors import InferqError
+
+_API_READY_TIMEOUT_S = 90.0
+_JOBS_TIMEOUT_S = 900.0
+_TOP_FINDINGS = 3
+_FRAUD_FEATURES = 30
+
+
+def _port(host: str, wanted: int) -> int:
+    return wanted if wanted and port_is_free(host, wanted) else free_port(host)
+
+
+def fraud_example(rows: int = 3) -> list[dict[str, Any]]:
+    """Deterministic example transactions in the OIP form: time, 28 PCA components, amount."""
+    rng = np.random.default_rng(7)
+    features = rng.standard_normal((rows, _FRAUD_FEATURES)).astype(np.float32)
+    features[:, -1] = np.abs(features[:, -1]) * 120.0
+    data = [round(float(v), 4) for v in features.reshape(-1)]
+    return [{"name": "transactions", "shape": [rows, _FRAUD_FEATURES], "datatype": "FP32", "data": data}]
+
+
+def _service_env(settings: Settings, redis_url: str, api_port: int, flower_port: int) -> dict[str, str]:
+    return {
+        **os.environ,
+        "INFERQ_REDIS_URL": redis_url,
+        "INFERQ_API_HOST": settings.api_host,
+        "INFERQ_API_PORT": str(api_port),
+        "INFERQ_FLOWER_HOST": settings.flower_host,
+        "INFERQ_FLOWER_PORT": str(flower_port),
+        "INFERQ_REGISTRY_PATH": str(settings.registry_path),
+        "INFERQ_MODELS_DIR": str(settings.models_dir),
+    }
+
+
+def _submit_samples(client: InferqClient, samples: list[Path]) -> list[tuple[str, str]]:
+    jobs = [(path.name, client.submit("chest-xray", path)) for path in samples]
+    jobs.append(("fraud: 3 transactions", client.submit("fraud", inputs=fraud_example())))
+    return jobs
+
+
+def _wait(client: InferqClient, jobs: list[tuple[str, str]]) -> list[tuple[str, dict[str, Any]]]:
+    deadline = time.monotonic() + _JOBS_TIMEOUT_S
+    return [(name, client.result(job_id, wait_s=max(0.0, deadline - time.monotonic()))) for name, job_id in jobs]
+
+
+def _summary(job: dict[str, Any]) -> tuple[str, str]:
+    result = job.get("result") or {}
+    if job["status"] != "succeeded":
+        return (job.get("error") or {}).get("code", job["status"]), ""
+    if "findings" in result:
+        top = sorted(result["findings"], key=lambda f: -f["probability"])[:_TOP_FINDINGS]
+        image = result["image"]
+        picture = f"{image['columns']}x{image['rows']} {image.get('modality') or image['format']}"
+        return ", ".join(f"{f['label']} {f['probability']:.3f}" for f in top), picture
+    scores = result["outputs"][0]["data"]
+    return "fraud probability " + ", ".join(f"{s:.3f}" for s in scores), "tensor"
+
+
+def print_table(results: list[tuple[str, dict[str, Any]]]) -> None:
+    rows = [("input", "status", "picture", f"top {_TOP_FINDINGS} findings")]
+    for name, job in results:
+        findings, picture = _summary(job)
+        rows.append((name, job["status"], picture, findings))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])
+
+
+def _wait_for_interrupt(stack: ServiceStack) -> None:
+    stop = {"now": False}
+    signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    while not stop["now"] and not stack.dead():
+        time.sleep(0.5)
+    if stack.dead():
+        print(f"stopping: {', '.join(stack.dead())} exited; logs in {stack.log_dir}")
+
+
+def run_demo(settings: Settings, *, stay_up: bool) -> int:
+    data_dir = settings.data_dir.resolve()
+    with ExitStack() as resources:
+        if settings.redis_url is None:
+            redis_url = resources.enter_context(EmbeddedRedis(data_dir / "redis")).url
+            print(f"started a private Redis at {redis_url} (AOF in {data_dir / 'redis'})")
+        else:
+            redis_url = settings.redis_url.get_secret_value()
+            print(f"using the configured Redis at {redact_url(redis_url)}")
+        api_port = _port(settings.api_host, settings.api_port)
+        flower_port = _port(settings.flower_host, settings.flower_port)
+        stack = resources.enter_context(
+            ServiceStack(_service_env(settings, redis_url, api_port, flower_port), data_dir / "logs")
+        )
+        stack.start("worker", "worker", "--pool", "cpu", "--models", "chest-xray,fraud")
+        stack.start("api", "api")
+        stack.start("flower", "flower")
+        api_url = f"http://{settings.api_host}:{api_port}"
+        flower_url = f"http://{settings.flower_host}:{flower_port}"
+        print(f"services starting; logs in {stack.log_dir}")
+        try:
+            stack.wait_http(f"{api_url}/readyz", timeout_s=_API_READY_TIMEOUT_S)
+            samples = write_samples(data_dir / "samples")
+            with InferqClient(api_url) as client:
+                jobs = _submit_samples(client, samples)
+                print(f"submitted {len(jobs)} jobs; waiting for the worker (the first job waits for model warm-up)")
+                results = _wait(client, jobs)
+        except (InferqError, TimeoutError) as e:
+            print(f"demo failed: {e}; logs in {stack.log_dir}")
+            return 1
+        print()
+        print_table(results)
+        print('\nThe models are UNTRAINED ("trained": false): their numbers mean nothing medically or financially.')
+        print(f"API docs: {api_url}/docs")
+        print(f"Flower:   {flower_url}")
+        if stay_up:
+            print("Press Ctrl-C to stop.")
+            _wait_for_interrupt(stack)
+        return 0 if all(job["status"] == "succeeded" for _, job in results) else 1
+    return 1

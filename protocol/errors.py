@@ -1,0 +1,205 @@
+"""The one error tree of inferq.
+
+    InferqError                      code, message, retryable; `to_dict()` is what a client sees
+    ├── ClientError                  the request is wrong: never retried, HTTP 4xx, job `failed`
+    │   ├── UnknownModel             404 unknown_model
+    │   ├── UnknownJob               404 unknown_job
+    │   ├── InvalidRequest           422 invalid_request
+    │   ├── InvalidTensor            422 invalid_tensor
+    │   ├── PayloadTooLarge          413 payload_too_large
+    │   ├── UnsupportedMedia         415 unsupported_media_type
+    │   └── InvalidImage             422 invalid_image
+    │       ├── NoPixelData          422 no_pixel_data
+    │       └── ImageTooLarge        413 image_too_large
+    ├── ConflictError                409: the job is in a state that forbids the action
+    │   └── JobNotCancellable        409 job_not_cancellable
+    ├── TransientError               the system had a bad moment: retried with backoff, HTTP 503
+    │   ├── BackendUnavailable       503 backend_unavailable
+    │   └── BlobMissing              410 blob_missing (the upload expired before it was read)
+    ├── ModelError                   the model could not answer: job `failed`
+        ├── ModelLoadError           500 model_load_error (also a worker that refuses to start)
+        ├── ChecksumMismatch         500 checksum_mismatch
+        ├── TimeLimitExceeded        504 time_limit_exceeded
+        └── InferenceError           500 inference_error
+    └── RemoteError                  a client's view of an error the API answered with (its code kept)
+
+Third-party exceptions are wrapped where they enter (`raise InvalidImage(...) from e`). Messages never carry
+a patient identifier or a stack trace.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class InferqError(Exception):
+    """Root of every error inferq raises on purpose."""
+
+    code: ClassVar[str] = "internal_error"
+    http_status: ClassVar[int] = 500
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "retryable": self.retryable}
+
+
+class ClientError(InferqError):
+    """The request itself is wrong; sending it again cannot help."""
+
+    code = "client_error"
+    http_status = 400
+
+
+class UnknownModel(ClientError):
+    """No model of that name is in the registry."""
+
+    code = "unknown_model"
+    http_status = 404
+
+
+class UnknownJob(ClientError):
+    """No job of that id exists (never issued, or expired and removed)."""
+
+    code = "unknown_job"
+    http_status = 404
+
+
+class InvalidRequest(ClientError):
+    """The request is malformed: a missing field, a value out of range, a wrong content type."""
+
+    code = "invalid_request"
+    http_status = 422
+
+
+class InvalidTensor(ClientError):
+    """A tensor input does not match the model's declared shape or datatype."""
+
+    code = "invalid_tensor"
+    http_status = 422
+
+
+class PayloadTooLarge(ClientError):
+    """The upload exceeds `max_upload_bytes`."""
+
+    code = "payload_too_large"
+    http_status = 413
+
+
+class UnsupportedMedia(ClientError):
+    """The upload is none of the accepted kinds (DICOM Part 10, PNG, JPEG) or the wrong kind for the model."""
+
+    code = "unsupported_media_type"
+    http_status = 415
+
+
+class InvalidImage(ClientError):
+    """The upload claims to be an image but cannot be read as one."""
+
+    code = "invalid_image"
+    http_status = 422
+
+
+class NoPixelData(InvalidImage):
+    """A DICOM object without pixels: a structured report, an RT plan, a presentation state."""
+
+    code = "no_pixel_data"
+
+
+class ImageTooLarge(InvalidImage):
+    """The image exceeds `max_image_pixels`; refused before decoding."""
+
+    code = "image_too_large"
+    http_status = 413
+
+
+class ConflictError(InferqError):
+    """The job is in a state that forbids the action."""
+
+    code = "conflict"
+    http_status = 409
+
+
+class JobNotCancellable(ConflictError):
+    """Only a queued job can be cancelled."""
+
+    code = "job_not_cancellable"
+
+
+class TransientError(InferqError):
+    """A passing fault of the system; the same request may succeed later."""
+
+    code = "transient_error"
+    http_status = 503
+    retryable = True
+
+
+class BackendUnavailable(TransientError):
+    """Redis (broker, job store or blob store) did not answer."""
+
+    code = "backend_unavailable"
+
+
+class BlobMissing(TransientError):
+    """The stored upload is gone (expired) before a worker read it."""
+
+    code = "blob_missing"
+    http_status = 410
+    retryable = False
+
+
+class ModelError(InferqError):
+    """The model could not produce an answer."""
+
+    code = "model_error"
+
+
+class ModelLoadError(ModelError):
+    """The model's weights or archive could not be loaded."""
+
+    code = "model_load_error"
+
+
+class ChecksumMismatch(ModelLoadError):
+    """The weights file's sha256 differs from the registry's: refuse to serve it."""
+
+    code = "checksum_mismatch"
+
+
+class TimeLimitExceeded(ModelError):
+    """The job ran past its model's time limit."""
+
+    code = "time_limit_exceeded"
+    http_status = 504
+
+
+class InferenceError(ModelError):
+    """The model raised while running, or returned outputs of the wrong shape."""
+
+    code = "inference_error"
+
+
+class RemoteError(InferqError):
+    """An error the HTTP API answered with, as the Python client raises it; `code` is the server's."""
+
+    def __init__(self, code: str, message: str, *, http_status: int, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.remote_code = code
+        self.remote_http_status = http_status
+        self.remote_retryable = retryable
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.remote_code, "message": self.message, "retryable": self.remote_retryable}
+
+    def __str__(self) -> str:
+        return f"{self.remote_code} (HTTP {self.remote_http_status}): {self.message}"
+
+
+def error_payload(exc: BaseException) -> dict[str, Any]:
+    """What a client may see of any exception: our own as they are, anything else as a bare internal error."""
+    if isinstance(exc, InferqError):
+        return exc.to_dict()
+    return {"code": InferqError.code, "message": "internal error while processing the job", "retryable": False}

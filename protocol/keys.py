@@ -1,0 +1,39 @@
+"""Every Redis key, queue and task name inferq uses, in one place.
+
+The broker's own keys (queues, `unacked`, bindings) belong to kombu; ours all start with `inferq:` so that a
+shared Redis can be inspected and cleaned by prefix.
+"""
+
+from __future__ import annotations
+
+PREFIX = "inferq"
+TASK_PREFIX = "inferq.infer"
+# kombu's Redis transport keeps one list per priority step, named queue + separator + step (step 0: bare name).
+KOMBU_PRIORITY_SEPARATOR = "\x06\x16"
+KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
+
+
+def queue_for(model: str) -> str:
+    """The broker queue of a model: its own name, so `celery worker -Q chest-xray` reads as it should."""
+    return model
+
+
+def task_name_for(model: str) -> str:
+    return f"{TASK_PREFIX}.{model}"
+
+
+def queue_lists(queue: str) -> list[str]:
+    """The Redis lists that hold a queue's waiting messages, one per kombu priority step."""
+    return [queue if step == 0 else f"{queue}{KOMBU_PRIORITY_SEPARATOR}{step}" for step in KOMBU_PRIORITY_STEPS]
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}"
+
+
+def blob_key(blob_ref: str) -> str:
+    return f"{PREFIX}:blob:{blob_ref}"
+
+
+def idempotency_key(model: str, key: str) -> str:
+    return f"{PREFIX}:idem:{model}:{key}"

@@ -1,0 +1,366 @@
+"""What an upload is, read from its header alone: the kind of media and the size of the image.
+
+`probe` runs at intake (the HTTP API) and again in the worker before any pixel is decoded, so that a bad upload
+is refused with a 4xx at once and an oversized one never reaches a decoder:
+
+    sniff(data)   magic bytes -> MediaKind, or UnsupportedMedia
+    probe(data)   header only -> ImageInfo, or UnsupportedMedia / InvalidImage / NoPixelData / ImageTooLarge
+
+`ImageInfo` carries what a result may repeat about an image (PS3.3 attributes that identify no one); patient
+attributes are never read into it. pydicom and Pillow are called inside `third_party_boundary`, which keeps their
+warnings quiet (pydicom's may quote element values, i.e. patient data) and turns their exceptions into
+`InvalidImage` whose message names the exception type only.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from io import BytesIO
+from typing import Any
+
+from PIL import Image
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.pixels import get_decoder
+from pydicom.pixels.utils import get_expected_length
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from protocol.errors import ImageTooLarge, InferqError, InvalidImage, NoPixelData, UnsupportedMedia
+
+# pydicom logs invalid element values verbatim at WARNING (e.g. "Invalid value for VR UI: '...'"), and element
+# values are patient data that must not reach our logs; its errors still get through.
+logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+__all__ = [
+    "ACCEPTED_MEDIA",
+    "SUPPORTED_PHOTOMETRICS",
+    "ImageInfo",
+    "MediaKind",
+    "probe",
+    "sniff",
+    "third_party_boundary",
+]
+
+ACCEPTED_MEDIA = "DICOM Part 10 (128-byte preamble, then 'DICM'), PNG or JPEG"
+# Each photometric interpretation with its samples per pixel (PS3.3 C.7.6.3.1.2).
+SUPPORTED_PHOTOMETRICS: dict[str, int] = {
+    "MONOCHROME1": 1,
+    "MONOCHROME2": 1,
+    "PALETTE COLOR": 1,
+    "RGB": 3,
+    "YBR_FULL": 3,
+    "YBR_FULL_422": 3,
+    "YBR_RCT": 3,
+    "YBR_ICT": 3,
+}
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_SIGNATURE = b"\xff\xd8\xff"
+_DICOM_PREFIX = b"DICM"
+_DICOM_PREFIX_OFFSET_BYTES = 128
+_PIXEL_DATA = 0x7FE00010
+_FLOAT_PIXEL_DATA_TAGS = (0x7FE00008, 0x7FE00009)  # Float / Double Float Pixel Data: parametric maps
+_SUPPORTED_BITS_ALLOCATED = (1, 8, 16, 32)
+# Values larger than this stay on disk while the header is probed: the pixel data is never copied.
+_DEFER_BYTES = 4096
+# A deflated dataset may inflate to at most this many bytes per allowed pixel (3 samples of 16 bits) plus
+# room for the header, so a zip bomb is stopped before pydicom inflates it whole.
+_INFLATED_BYTES_PER_PIXEL = 6
+_INFLATED_HEADER_BYTES = 1 << 20
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_MODALITY_PATTERN = re.compile(r"^[A-Z0-9_ ]{1,16}$")
+_PILLOW_FORMATS = {"png": "PNG", "jpeg": "JPEG"}
+# Pillow modes in DICOM's words, so results describe every kind of image alike.
+_PHOTOMETRIC_BY_PILLOW_MODE = {
+    "1": "MONOCHROME2",
+    "L": "MONOCHROME2",
+    "LA": "MONOCHROME2",
+    "I": "MONOCHROME2",
+    "I;16": "MONOCHROME2",
+    "I;16B": "MONOCHROME2",
+    "I;16L": "MONOCHROME2",
+    "I;16N": "MONOCHROME2",
+    "F": "MONOCHROME2",
+    "P": "PALETTE COLOR",
+    "PA": "PALETTE COLOR",
+    "RGB": "RGB",
+    "RGBA": "RGB",
+    "YCbCr": "YBR_FULL",
+}
+
+
+class MediaKind(StrEnum):
+    """The accepted kinds of upload."""
+
+    DICOM = "dicom"
+    PNG = "png"
+    JPEG = "jpeg"
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What may be said about an image without identifying anyone; rows and columns are as stored."""
+
+    format: str
+    rows: int
+    columns: int
+    frames: int
+    bits_stored: int | None
+    modality: str | None
+    photometric_interpretation: str
+    transfer_syntax: str | None
+    sop_class: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sniff(data: bytes) -> MediaKind:
+    """The kind of upload from its magic bytes; DICOM wins when 'DICM' sits at offset 128 (a preamble may be
+    another format's header, PS3.10 7.1, and is ignored)."""
+    prefix_end = _DICOM_PREFIX_OFFSET_BYTES + len(_DICOM_PREFIX)
+    if data[_DICOM_PREFIX_OFFSET_BYTES:prefix_end] == _DICOM_PREFIX:
+        return MediaKind.DICOM
+    if data.startswith(_PNG_SIGNATURE):
+        return MediaKind.PNG
+    if data.startswith(_JPEG_SIGNATURE):
+        return MediaKind.JPEG
+    raise UnsupportedMedia(f"the upload ({len(data)} bytes) is not an accepted image; accepted: {ACCEPTED_MEDIA}")
+
+
+def probe(data: bytes, *, max_image_pixels: int) -> ImageInfo:
+    """Validate the header and the size limit without decoding a pixel."""
+    kind = sniff(data)
+    if kind is MediaKind.DICOM:
+        return _probe_dicom(data, max_image_pixels)
+    return _probe_raster(data, kind, max_image_pixels)
+
+
+@contextmanager
+def third_party_boundary(what: str) -> Iterator[None]:
+    """Run pydicom or Pillow code: warnings stay quiet, exceptions become `InvalidImage` (or `ImageTooLarge`).
+
+    Our own errors pass through; so do MemoryError (not the client's fault) and interpreter exits. The message
+    names only the exception type: pydicom messages may quote element values. Warning filters are process-wide,
+    so a thread running beside this block may see its warnings hidden too.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except (InferqError, MemoryError, KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageTooLarge(f"the {what} exceeds the decoder's decompression-bomb limit") from e
+    except BaseException as e:  # a Rust decoder's panic (pylibjpeg-rle) is a BaseException, not an Exception
+        raise InvalidImage(f"cannot read the {what}: damaged, truncated or unsupported ({type(e).__name__})") from e
+
+
+def _check_pixel_count(rows: int, columns: int, frames: int, max_image_pixels: int) -> None:
+    pixel_count = rows * columns * frames
+    if pixel_count > max_image_pixels:
+        raise ImageTooLarge(
+            f"the image has {rows} x {columns} pixels x {frames} frame(s) = {pixel_count}, "
+            f"more than the {max_image_pixels} allowed"
+        )
+
+
+# --- PNG and JPEG
+
+
+def _probe_raster(data: bytes, kind: MediaKind, max_image_pixels: int) -> ImageInfo:
+    with (
+        third_party_boundary(f"{kind.value.upper()} header"),
+        Image.open(BytesIO(data), formats=[_PILLOW_FORMATS[kind]]) as image,
+    ):
+        columns, rows = image.size
+        frames = int(getattr(image, "n_frames", 1))
+        mode = image.mode
+        bits_stored = _raster_bits(data, kind, image)
+    _check_pixel_count(rows, columns, frames, max_image_pixels)
+    return ImageInfo(
+        format=kind.value,
+        rows=rows,
+        columns=columns,
+        frames=frames,
+        bits_stored=bits_stored,
+        modality=None,
+        photometric_interpretation=_PHOTOMETRIC_BY_PILLOW_MODE.get(mode, mode),
+        transfer_syntax=None,
+        sop_class=None,
+    )
+
+
+def _raster_bits(data: bytes, kind: MediaKind, image: Image.Image) -> int | None:
+    if kind is MediaKind.PNG:
+        return data[24]  # IHDR bit depth: signature (8), chunk length and type (8), width and height (8)
+    bits = getattr(image, "bits", None)  # the JPEG frame header's sample precision
+    return int(bits) if isinstance(bits, int) else None
+
+
+# --- DICOM
+
+
+def _probe_dicom(data: bytes, max_image_pixels: int) -> ImageInfo:
+    # pydicom converts values lazily, on first access: every access may raise or warn, so all run in the boundary.
+    with third_party_boundary("DICOM header"):
+        dataset = _read_dicom_header(data, max_image_pixels)
+        _require_pixel_data(dataset)
+        rows, columns, frames = _geometry(dataset)
+        _check_pixel_count(rows, columns, frames, max_image_pixels)
+        _check_bits(dataset)
+        photometric = _check_photometric(dataset)
+        transfer_syntax = _check_transfer_syntax(dataset)
+        _check_pixel_length(dataset, data, transfer_syntax, frames)
+        return ImageInfo(
+            format=MediaKind.DICOM.value,
+            rows=rows,
+            columns=columns,
+            frames=frames,
+            bits_stored=int(dataset.BitsStored),
+            modality=_clean_modality(dataset.get("Modality")),
+            photometric_interpretation=photometric,
+            transfer_syntax=str(transfer_syntax),
+            sop_class=_clean_uid(dataset.get("SOPClassUID")),
+        )
+
+
+def _read_dicom_header(data: bytes, max_image_pixels: int) -> Dataset:
+    """The dataset with its large values (the pixel data) left unread; a deflated one is inflated with a bound."""
+    stream = BytesIO(data)
+    read_preamble(stream, False)
+    file_meta = _read_file_meta_info(stream)  # pydicom has no public reader of the meta alone from bytes
+    transfer_syntax = file_meta.get("TransferSyntaxUID")
+    if not transfer_syntax:
+        raise InvalidImage("the DICOM file meta has no Transfer Syntax UID")
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        limit_bytes = max_image_pixels * _INFLATED_BYTES_PER_PIXEL + _INFLATED_HEADER_BYTES
+        _check_inflated_size(data[stream.tell() :], limit_bytes)
+    return dcmread(BytesIO(data), defer_size=_DEFER_BYTES)
+
+
+def _check_inflated_size(deflated: bytes, limit_bytes: int) -> None:
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflater.decompress(deflated, limit_bytes + 1)
+    except zlib.error as e:
+        raise InvalidImage("the deflated DICOM dataset is damaged") from e
+    if inflater.unconsumed_tail:
+        raise ImageTooLarge(f"the deflated DICOM dataset inflates to more than {limit_bytes} bytes")
+
+
+def _require_pixel_data(dataset: Dataset) -> None:
+    if any(tag in dataset for tag in _FLOAT_PIXEL_DATA_TAGS):
+        raise InvalidImage("float pixel data (a parametric map) is not supported; send an X-ray image")
+    if _PIXEL_DATA in dataset:
+        return
+    sop_class = _clean_uid(dataset.get("SOPClassUID"))
+    name = UID(sop_class).name if sop_class else "an unidentified object"
+    if "Image Storage" in name or "Rows" in dataset:
+        raise InvalidImage(f"the DICOM image ({name}) has a header but no pixel data: truncated, or pixels stripped")
+    raise NoPixelData(f"the DICOM object is {name}, which has no pixel data to read")
+
+
+def _geometry(dataset: Dataset) -> tuple[int, int, int]:
+    rows = _positive_int(dataset, "Rows", default=None)
+    columns = _positive_int(dataset, "Columns", default=None)
+    frames = _positive_int(dataset, "NumberOfFrames", default=1)
+    return rows, columns, frames
+
+
+def _positive_int(dataset: Dataset, keyword: str, *, default: int | None) -> int:
+    value = dataset.get(keyword)
+    if value in (None, "") and default is not None:
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1:
+        raise InvalidImage(f"the DICOM header has no valid {keyword} (a positive whole number is required)")
+    return number
+
+
+def _check_bits(dataset: Dataset) -> None:
+    bits_allocated = _positive_int(dataset, "BitsAllocated", default=None)
+    bits_stored = _positive_int(dataset, "BitsStored", default=None)
+    if bits_allocated not in _SUPPORTED_BITS_ALLOCATED:
+        raise InvalidImage(f"BitsAllocated {bits_allocated} is not supported (accepted: {_SUPPORTED_BITS_ALLOCATED})")
+    if bits_stored > bits_allocated:
+        raise InvalidImage(f"BitsStored {bits_stored} exceeds BitsAllocated {bits_allocated}")
+    high_bit = dataset.get("HighBit")
+    representation = dataset.get("PixelRepresentation", 0)
+    # Decoders read the stored bits from the bottom up; another High Bit would put them elsewhere.
+    if high_bit not in (None, "") and high_bit != bits_stored - 1:
+        raise InvalidImage(f"HighBit {high_bit} is not BitsStored - 1 ({bits_stored - 1})")
+    if representation not in (0, 1):
+        raise InvalidImage(f"PixelRepresentation {representation} is neither 0 (unsigned) nor 1 (signed)")
+
+
+def _check_photometric(dataset: Dataset) -> str:
+    photometric = str(dataset.get("PhotometricInterpretation", "")).strip().upper()
+    samples = dataset.get("SamplesPerPixel", 1)
+    if photometric not in SUPPORTED_PHOTOMETRICS:
+        raise InvalidImage(f"the photometric interpretation is not one of {sorted(SUPPORTED_PHOTOMETRICS)}")
+    if samples != SUPPORTED_PHOTOMETRICS[photometric]:
+        raise InvalidImage(f"{photometric} needs SamplesPerPixel {SUPPORTED_PHOTOMETRICS[photometric]}")
+    return photometric
+
+
+def _check_transfer_syntax(dataset: Dataset) -> UID:
+    transfer_syntax = UID(str(dataset.file_meta.TransferSyntaxUID).strip())
+    if not transfer_syntax.is_valid:
+        raise InvalidImage("the Transfer Syntax UID of the file meta is not a valid UID")
+    try:
+        decoder = get_decoder(transfer_syntax)
+    except NotImplementedError:
+        decoder = None
+    if decoder is None or not decoder.is_available:
+        raise UnsupportedMedia(f"DICOM transfer syntax {transfer_syntax} ({transfer_syntax.name}) is not supported")
+    return transfer_syntax
+
+
+def _check_pixel_length(dataset: Dataset, data: bytes, transfer_syntax: UID, frames: int) -> None:
+    """Refuse pixel data whose encoding contradicts the transfer syntax, or uncompressed pixel data shorter than
+    Rows x Columns x frames needs (a truncated upload)."""
+    element = dataset.get_item(_PIXEL_DATA, keep_deferred=True)
+    if not isinstance(element, RawDataElement):
+        return
+    encapsulated = element.length == _UNDEFINED_LENGTH
+    if encapsulated != transfer_syntax.is_encapsulated:
+        state = "is" if encapsulated else "is not"
+        raise InvalidImage(f"the pixel data {state} compressed, which contradicts transfer syntax {transfer_syntax}")
+    if encapsulated:
+        return
+    expected_bytes = int(get_expected_length(dataset, unit="bytes"))
+    available_bytes = element.length
+    if element.value is not None:
+        available_bytes = min(available_bytes, len(element.value))
+    elif transfer_syntax != DeflatedExplicitVRLittleEndian:
+        # value_tell counts from the file's start, except in a deflated body, which zlib already checked.
+        available_bytes = min(available_bytes, len(data) - element.value_tell)
+    if available_bytes < expected_bytes:
+        raise InvalidImage(
+            f"the pixel data holds {available_bytes} bytes but {frames} frame(s) need {expected_bytes}: "
+            "the file is truncated or its header is wrong"
+        )
+
+
+def _clean_modality(value: object) -> str | None:
+    text = str(value or "").strip().upper()
+    return text if _MODALITY_PATTERN.match(text) else None
+
+
+def _clean_uid(value: object) -> str | None:
+    uid = UID(str(value or "").strip())
+    return str(uid) if uid and uid.is_valid else None

@@ -1,0 +1,175 @@
+"""The model registry: what models exist, how they are fed, where their weights are and what they answer.
+
+The registry is a TOML file (`config/models.toml` by default), one `[models.NAME]` table per model. This module
+only declares and validates it; loading weights is the workers' business.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from protocol.errors import InvalidRequest, UnknownModel
+
+_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_SHA256_PATTERN = r"^[0-9a-f]{64}$"
+Datatype = Literal["FP32", "FP64", "FP16", "INT64", "INT32", "INT16", "INT8", "UINT8", "BOOL"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ImageInput(_Frozen):
+    """An image model's input: the picture is made grey, scaled to [0, 1], resized, then normalised."""
+
+    kind: Literal["image"] = "image"
+    height: int = Field(gt=0, le=4096)
+    width: int = Field(gt=0, le=4096)
+    channels: Literal[1, 3] = 1
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+    @model_validator(mode="after")
+    def _check_normalisation(self) -> ImageInput:
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"mean and std need {self.channels} value(s), got {self.mean} and {self.std}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std must be positive, got {self.std}")
+        return self
+
+
+class TensorInput(_Frozen):
+    """A tensor model's input in Open Inference Protocol terms; -1 in `shape` is a free (batch) dimension."""
+
+    kind: Literal["tensor"] = "tensor"
+    name: str = "input"
+    shape: tuple[int, ...]
+    datatype: Datatype = "FP32"
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> TensorInput:
+        if not self.shape or any(d == 0 or d < -1 for d in self.shape):
+            raise ValueError(f"shape dimensions must be positive or -1, got {self.shape}")
+        return self
+
+
+InputSpec = Annotated[ImageInput | TensorInput, Field(discriminator="kind")]
+
+
+class ArchitectureSpec(_Frozen):
+    """A built-in architecture (for `format = "safetensors"`), with its own options."""
+
+    name: Literal["densenet121", "mlp"]
+    hidden: tuple[int, ...] = ()
+
+
+class ModelSpec(_Frozen):
+    """One model of the registry."""
+
+    name: str
+    version: str
+    description: str = ""
+    queue: str = ""
+    pool: Literal["cpu", "gpu"] = "cpu"
+    format: Literal["safetensors", "torchscript", "torch-export"] = "safetensors"
+    architecture: ArchitectureSpec | None = None
+    weights: str
+    sha256: str = Field(pattern=_SHA256_PATTERN)
+    trained: bool
+    weights_seed: int | None = Field(
+        default=None, description="Set for weights the repo generates itself (untrained, reproducible)."
+    )
+    input: InputSpec
+    output_name: str = "output"
+    head: Literal["sigmoid", "softmax", "identity"] = "sigmoid"
+    labels: tuple[str, ...] = ()
+    time_limit_s: float = Field(default=60.0, gt=0)
+    max_batch_size: int = Field(default=1, gt=0)
+    batch_wait_ms: float = Field(default=0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if not _NAME_PATTERN.match(self.name):
+            raise ValueError(f"model name {self.name!r} must be lowercase letters, digits, '-' or '_'")
+        if self.format == "safetensors" and self.architecture is None:
+            raise ValueError(f"model {self.name!r}: safetensors weights need an [architecture]")
+        if self.input.kind == "image" and not self.labels:
+            raise ValueError(f"model {self.name!r}: an image model needs labels for its findings")
+        return self
+
+    @property
+    def queue_name(self) -> str:
+        return self.queue or self.name
+
+    def metadata(self) -> dict[str, Any]:
+        """What the API lists and every result repeats about the model."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "description": self.description,
+            "queue": self.queue_name,
+            "pool": self.pool,
+            "trained": self.trained,
+            "input": self.input.model_dump(),
+            "labels": list(self.labels),
+            "time_limit_s": self.time_limit_s,
+        }
+
+
+class Registry(Mapping[str, ModelSpec]):
+    """The models by name, in file order."""
+
+    def __init__(self, models: Mapping[str, ModelSpec]) -> None:
+        self._models = dict(models)
+
+    def __getitem__(self, name: str) -> ModelSpec:
+        return self._models[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._models)
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def get_model(self, name: str) -> ModelSpec:
+        """The model, or `UnknownModel` naming the ones that exist."""
+        try:
+            return self._models[name]
+        except KeyError:
+            known = ", ".join(self._models) or "none"
+            raise UnknownModel(f"unknown model {name!r}; known models: {known}") from None
+
+    def select(self, names: list[str]) -> list[ModelSpec]:
+        return [self.get_model(n) for n in names]
+
+    def for_pool(self, pool: str) -> list[ModelSpec]:
+        return [m for m in self._models.values() if m.pool == pool]
+
+
+def parse_registry(document: Mapping[str, Any]) -> Registry:
+    tables = document.get("models")
+    if not isinstance(tables, Mapping) or not tables:
+        raise InvalidRequest("the registry needs at least one [models.NAME] table")
+    try:
+        models = {name: ModelSpec(name=name, **table) for name, table in tables.items()}
+    except ValidationError as e:
+        raise InvalidRequest(f"invalid model registry: {e}") from e
+    queues = [m.queue_name for m in models.values()]
+    if len(set(queues)) != len(queues):
+        raise InvalidRequest(f"two models share a queue: {queues}")
+    return Registry(models)
+
+
+def load_registry(path: Path) -> Registry:
+    """Read and validate the registry file; a broken file fails loudly at start, not at the first job."""
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise InvalidRequest(f"cannot read the model registry {path}: {e}") from e
+    return parse_registry(document)

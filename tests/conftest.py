@@ -1,0 +1,32 @@
+"""Shared fixtures: a real Redis started for the session (never the developer's own), one database per test."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from producers.redis_server import EmbeddedRedis
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Database 0 belongs to the end-to-end stack; unit tests take 1..15 in turn and empty theirs afterwards.
+_UNIT_DATABASES = itertools.cycle(range(1, 16))
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> Iterator[str]:
+    url = f"redis://127.0.0.1:{redis_server.port}/{next(_UNIT_DATABASES)}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()

@@ -1,0 +1,106 @@
+"""The end-to-end stack: a real Redis, real worker subprocesses (the `inferq` form and the plain `celery` form) and
+the HTTP API in a subprocess. Started once per session; its logs are printed when a test fails."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from config import DEFAULT_REGISTRY_PATH, Settings
+from producers.client import InferqClient
+from producers.redis_server import EmbeddedRedis, free_port
+from producers.samples import write_samples
+from producers.stack import ServiceStack
+
+_READY_TIMEOUT_S = 120.0
+
+# Two more queues for the tests: one that no worker consumes (so a job there can be cancelled before it starts),
+# one consumed by a worker started the plain Celery way.
+_EXTRA_MODELS = """
+[models.fraud-idle]
+version = "0.1.0"
+pool = "cpu"
+format = "safetensors"
+weights = "fraud-0.1.0.safetensors"
+sha256 = "{sha}"
+trained = false
+weights_seed = 30
+labels = ["fraud"]
+output_name = "fraud_probability"
+architecture = {{ name = "mlp", hidden = [64, 32] }}
+input = {{ kind = "tensor", name = "transactions", shape = [-1, 30], datatype = "FP32" }}
+
+[models.fraud-celery]
+version = "0.1.0"
+pool = "cpu"
+format = "safetensors"
+weights = "fraud-0.1.0.safetensors"
+sha256 = "{sha}"
+trained = false
+weights_seed = 30
+labels = ["fraud"]
+output_name = "fraud_probability"
+architecture = {{ name = "mlp", hidden = [64, 32] }}
+input = {{ kind = "tensor", name = "transactions", shape = [-1, 30], datatype = "FP32" }}
+"""
+
+
+@dataclass
+class Stack:
+    api_url: str
+    env: dict[str, str]
+    services: ServiceStack
+    samples: list[Path]
+    tmp: Path
+
+    def client(self) -> InferqClient:
+        return InferqClient(self.api_url)
+
+
+def _test_registry(tmp: Path) -> Path:
+    from protocol.registry import load_registry
+
+    fraud_sha = load_registry(DEFAULT_REGISTRY_PATH).get_model("fraud").sha256
+    path = tmp / "models.toml"
+    path.write_text(DEFAULT_REGISTRY_PATH.read_text() + _EXTRA_MODELS.format(sha=fraud_sha))
+    return path
+
+
+@pytest.fixture(scope="session")
+def stack(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("stack")
+    api_port = free_port()
+    env = {
+        **os.environ,
+        "INFERQ_REDIS_URL": f"redis://127.0.0.1:{redis_server.port}/0",
+        "INFERQ_REGISTRY_PATH": str(_test_registry(tmp)),
+        "INFERQ_MODELS_DIR": str(Settings().models_dir),
+        "INFERQ_API_PORT": str(api_port),
+        "INFERQ_TORCH_THREADS": "1",
+    }
+    services = ServiceStack(env, tmp / "logs")
+    services.start("worker", "worker", "--pool", "cpu", "--models", "chest-xray,fraud", "--concurrency", "1")
+    celery_argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "fraud-celery"]
+    services.start_command("celery-worker", [*celery_argv, "--pool", "solo", "-n", "plain@%h", "-l", "info"])
+    services.start("api", "api")
+    api_url = f"http://127.0.0.1:{api_port}"
+    try:
+        services.wait_http(f"{api_url}/readyz", timeout_s=_READY_TIMEOUT_S)
+        yield Stack(api_url, env, services, write_samples(tmp / "samples"), tmp)
+    finally:
+        services.stop()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report = yield
+    stack = item.funcargs.get("stack") if hasattr(item, "funcargs") else None
+    if report.failed and isinstance(stack, Stack):
+        for name in stack.services.processes:
+            report.sections.append((f"{name} log (tail)", stack.services.log_of(name)[-6000:]))
+    return report

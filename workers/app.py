@@ -1,0 +1,49 @@
+"""The worker's Celery app: `celery -A workers.app worker -Q chest-xray` (or `inferq worker`).
+
+The parent process picks the models of the queues it consumes and checks their weights; each child process
+loads and warms them before it takes a job.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.concurrency.prefork import TaskPool as PreforkPool
+from celery.signals import celeryd_after_setup, worker_process_init
+
+from config import Settings
+from protocol.celery_config import build_celery
+from protocol.errors import InferqError
+from protocol.registry import load_registry
+from workers.runtime import WorkerRuntime, require_cuda
+from workers.tasks import register_tasks
+
+log = logging.getLogger(__name__)
+
+settings = Settings()
+registry = load_registry(settings.registry_path)
+app = build_celery(settings, registry)
+runtime = WorkerRuntime(settings, registry)
+register_tasks(app, registry, lambda: runtime)
+
+
+@celeryd_after_setup.connect
+def _prepare(sender: str, instance: Any, **_: Any) -> None:
+    queues = set(instance.app.amqp.queues.consume_from)
+    runtime.select([spec for spec in registry.values() if spec.queue_name in queues])
+    try:
+        if settings.device == "cuda":
+            require_cuda()
+        runtime.prepare_weights()
+        pool = instance.pool_cls
+        if not (isinstance(pool, type) and issubclass(pool, PreforkPool)):
+            runtime.start()
+    except InferqError as e:
+        # A worker that cannot serve its models must not take their jobs: stop with the reason.
+        raise SystemExit(f"inferq worker cannot start: {e.message}") from e
+
+
+@worker_process_init.connect
+def _load_models(**_: Any) -> None:
+    runtime.start()

@@ -1,0 +1,34 @@
+"""Uploaded images to model tensors, without torch: read (DICOM, PNG, JPEG), present, resize, normalise.
+
+    read_picture(data)            -> Picture   what a viewer shows: float32 (H, W) in [0, 1], 0 = black
+    to_model_input(picture, spec) -> float32 (channels, height, width), the model's own normalisation applied
+    preprocess(data, spec)        -> both, plus the ImageInfo a result may repeat
+
+The same bytes always give bit-identical arrays. Failures are `InvalidImage` (or its subclasses
+`NoPixelData`, `ImageTooLarge`) or `UnsupportedMedia`, never a raw pydicom or Pillow exception.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from protocol.media import ImageInfo, MediaKind, sniff
+from protocol.registry import ImageInput
+from workers.imaging.dicom import read_dicom
+from workers.imaging.present import BT601_LUMA, Picture, to_model_input
+from workers.imaging.raster import read_raster
+
+__all__ = ["BT601_LUMA", "Picture", "preprocess", "read_picture", "to_model_input"]
+
+
+def read_picture(data: bytes, *, max_image_pixels: int) -> Picture:
+    """Sniff, check the header and size limit, decode and present the upload."""
+    if sniff(data) is MediaKind.DICOM:
+        return read_dicom(data, max_image_pixels=max_image_pixels)
+    return read_raster(data, max_image_pixels=max_image_pixels)
+
+
+def preprocess(data: bytes, spec: ImageInput, *, max_image_pixels: int) -> tuple[np.ndarray, ImageInfo]:
+    """The model's input tensor for an upload, and what may be said about the image."""
+    picture = read_picture(data, max_image_pixels=max_image_pixels)
+    return to_model_input(picture, spec), picture.info
