@@ -32,9 +32,8 @@ def _port(host: str, wanted: int) -> int:
 
 def fraud_example(rows: int = 3) -> list[dict[str, Any]]:
     """Deterministic example transactions in the OIP form: time, 28 PCA components, amount."""
-    rng = np.random.default_rng(7)
-    features = rng.standard_normal((rows, _FRAUD_FEATURES)).astype(np.float32)
-    features[:, -1] = np.abs(features[:, -1]) * 120.0
+    # Standardised features, as the model expects them (the bank scales time and amount before sending).
+    features = np.random.default_rng(7).standard_normal((rows, _FRAUD_FEATURES)).astype(np.float32)
     data = [round(float(v), 4) for v in features.reshape(-1)]
     return [{"name": "transactions", "shape": [rows, _FRAUD_FEATURES], "datatype": "FP32", "data": data}]
 
@@ -118,6 +117,7 @@ def run_demo(settings: Settings, *, stay_up: bool) -> int:
         print(f"services starting; logs in {stack.log_dir}")
         try:
             stack.wait_http(f"{api_url}/readyz", timeout_s=_API_READY_TIMEOUT_S)
+            stack.wait_http(f"{flower_url}/healthcheck", timeout_s=_API_READY_TIMEOUT_S)
             samples = write_samples(data_dir / "samples")
             with InferqClient(api_url) as client:
                 jobs = _submit_samples(client, samples)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from config import Settings
 from protocol.errors import InvalidRequest
@@ -17,6 +17,13 @@ from protocol.registry import Registry
 
 # The hard limit leaves a soft-limited task this long to record its failure before the process is killed.
 HARD_LIMIT_GRACE_S = 15.0
+
+
+def _queue(name: str) -> Queue:
+    # Each queue gets its own direct exchange: left to Celery's defaults, every queue would be bound to the
+    # default queue's exchange and key, and one message would be copied into every model's queue.
+    queue = queue_for(name)
+    return Queue(queue, Exchange(queue, type="direct"), routing_key=queue)
 
 
 def celery_config(settings: Settings, registry: Registry) -> dict[str, Any]:
@@ -46,7 +53,7 @@ def celery_config(settings: Settings, registry: Registry) -> dict[str, Any]:
         "broker_transport_options": {"visibility_timeout": settings.broker_visibility_timeout_s},
         "result_backend_transport_options": {"visibility_timeout": settings.broker_visibility_timeout_s},
         "task_routes": {task_name_for(name): {"queue": queue_for(spec.queue_name)} for name, spec in registry.items()},
-        "task_queues": [Queue(queue_for(spec.queue_name)) for spec in registry.values()],
+        "task_queues": [_queue(spec.queue_name) for spec in registry.values()],
         "task_default_queue": queue_for(next(iter(registry.values())).queue_name),
         # Flower shows tasks from events: workers send them, producers announce each task sent.
         "worker_send_task_events": True,

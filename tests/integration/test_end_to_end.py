@@ -60,6 +60,7 @@ def test_every_sample_kind_succeeds_with_the_same_result_as_predict(stack: Stack
     for job, result in zip(served, local, strict=True):
         assert job["model"] == "chest-xray" and job["model_version"] == "0.1.0"
         assert job["started_at"] and job["finished_at"] and job["error"] is None
+        assert job["attempts"] == 1  # delivered once: no copy of the message reached another queue
         _assert_same_result(job["result"], result)
         assert len(result["findings"]) == 14 and result["trained"] is False
         assert all(0.0 < f["probability"] < 1.0 for f in result["findings"])
@@ -75,6 +76,7 @@ def test_a_fraud_tensor_job_matches_predict(stack: Stack) -> None:
     [local] = _predict(stack, "fraud", [request])
     _assert_same_result(job["result"], local)
     assert job["result"]["outputs"][0]["shape"] == [4, 1]
+    assert job["attempts"] == 1
 
 
 def test_a_worker_started_the_plain_celery_way_serves_its_queue(stack: Stack) -> None:
@@ -116,6 +118,21 @@ def test_an_image_that_fails_to_decode_fails_its_job_and_the_worker_stays_up(sta
         assert job["error"]["code"] == "invalid_image" and job["error"]["retryable"] is False
         _wait_succeeded(stack, client.submit("chest-xray", stack.samples[0]))
     assert not stack.services.dead()
+
+
+def test_no_patient_identifier_reaches_any_log(stack: Stack) -> None:
+    # Given a DICOM with patient fields whose RLE pixel data is damaged (it passes intake, fails to decode)
+    dicom = next(p for p in stack.samples if p.name == "chest-rle.dcm").read_bytes()
+    damaged = bytearray(dicom)
+    start = int(len(damaged) * 0.6)
+    damaged[start : start + 2000] = b"\xff" * 2000
+    with stack.client() as client:
+        failed = client.result(client.submit("chest-xray", bytes(damaged), filename="x.dcm"), wait_s=_JOB_TIMEOUT_S)
+        succeeded = _wait_succeeded(stack, client.submit("chest-xray", dicom))
+    assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_image"
+    # Then neither the job records nor any service's log carries the patient's name or id
+    for text in [json.dumps(failed), json.dumps(succeeded), *map(stack.services.log_of, stack.services.processes)]:
+        assert "SYNTHETIC" not in text and "DEMO-0001" not in text
 
 
 def test_cancel_before_start_gives_cancelled(stack: Stack) -> None:

@@ -27,7 +27,10 @@ def test_each_model_has_its_own_queue_and_route() -> None:
         "inferq.infer.chest-xray": {"queue": "chest-xray"},
         "inferq.infer.fraud": {"queue": "fraud"},
     }
-    assert [q.name for q in app.conf.task_queues] == ["chest-xray", "fraud"]
+    queues = app.conf.task_queues
+    assert [q.name for q in queues] == ["chest-xray", "fraud"]
+    # One exchange and key per queue: a shared binding would copy each message into every queue.
+    assert [(q.exchange.name, q.routing_key) for q in queues] == [("chest-xray", "chest-xray"), ("fraud", "fraud")]
 
 
 def test_the_visibility_timeout_must_outlast_every_time_limit() -> None:
