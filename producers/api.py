@@ -141,6 +141,19 @@ def _describe_validation(errors: Any) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+_RAW_IMAGE_TYPES = ("application/dicom", "image/png", "image/jpeg")
+
+
+async def _read_raw_image(request: Request, settings: Settings) -> tuple[FileUpload, dict[str, Any]]:
+    """A bare image body (`Content-Type: application/dicom`, `image/png`, `image/jpeg`); options from the query."""
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > settings.max_upload_bytes:
+            raise PayloadTooLarge(f"the upload exceeds {settings.max_upload_bytes} bytes")
+    return FileUpload(data=bytes(data)), dict(request.query_params)
+
+
 async def _read_upload(request: Request, settings: Settings) -> tuple[FileUpload, dict[str, Any]]:
     form = await request.form(max_files=1, max_fields=10)
     upload = form.get("file")
@@ -199,8 +212,13 @@ def _register_job_routes(app: FastAPI, state: ApiState) -> None:
             upload, fields = await _read_upload(request, state.settings)
         elif content_type.startswith("application/json"):
             upload, fields = await _read_tensor_json(request)
+        elif content_type.startswith(_RAW_IMAGE_TYPES):
+            upload, fields = await _read_raw_image(request, state.settings)
         else:
-            raise InvalidRequest("send multipart/form-data with a 'file' field, or application/json with 'inputs'")
+            raise InvalidRequest(
+                "send multipart/form-data with a 'file' field, a bare application/dicom, image/png or image/jpeg "
+                "body, or application/json with 'inputs'"
+            )
         receipt = await run_in_threadpool(state.submitter.submit, model, upload, _options(fields, idempotency_key))
         status_url = str(request.url_for("get_job", job_id=receipt.job_id))
         accepted = JobAccepted(job_id=receipt.job_id, status=receipt.status, status_url=status_url)  # type: ignore[arg-type]

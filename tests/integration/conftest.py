@@ -21,21 +21,8 @@ _READY_TIMEOUT_S = 120.0
 
 # Two more queues for the tests: one that no worker consumes (so a job there can be cancelled before it starts),
 # one consumed by a worker started the plain Celery way.
-_EXTRA_MODELS = """
-[models.fraud-idle]
-version = "0.1.0"
-pool = "cpu"
-format = "safetensors"
-weights = "fraud-0.1.0.safetensors"
-sha256 = "{sha}"
-trained = false
-weights_seed = 30
-labels = ["fraud"]
-output_name = "fraud_probability"
-architecture = {{ name = "mlp", hidden = [64, 32] }}
-input = {{ kind = "tensor", name = "transactions", shape = [-1, 30], datatype = "FP32" }}
-
-[models.fraud-celery]
+_EXTRA_MODEL = """
+[models.{name}]
 version = "0.1.0"
 pool = "cpu"
 format = "safetensors"
@@ -67,7 +54,8 @@ def _test_registry(tmp: Path) -> Path:
 
     fraud_sha = load_registry(DEFAULT_REGISTRY_PATH).get_model("fraud").sha256
     path = tmp / "models.toml"
-    path.write_text(DEFAULT_REGISTRY_PATH.read_text() + _EXTRA_MODELS.format(sha=fraud_sha))
+    extra = "".join(_EXTRA_MODEL.format(name=name, sha=fraud_sha) for name in ("fraud-idle", "fraud-celery"))
+    path.write_text(DEFAULT_REGISTRY_PATH.read_text() + extra)
     return path
 
 

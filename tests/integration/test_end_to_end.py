@@ -67,6 +67,19 @@ def test_every_sample_kind_succeeds_with_the_same_result_as_predict(stack: Stack
         assert "SYNTHETIC" not in json.dumps(job) and "DEMO-0001" not in json.dumps(job)
 
 
+def test_a_bare_dicom_body_is_accepted_like_a_multipart_file(stack: Stack) -> None:
+    dicom = stack.samples[0]
+    response = httpx.post(
+        f"{stack.api_url}/v1/models/chest-xray/jobs?priority=3",
+        content=dicom.read_bytes(),
+        headers={"content-type": "application/dicom"},
+    )
+    assert response.status_code == 202, response.text
+    job = _wait_succeeded(stack, response.json()["job_id"])
+    [local] = _predict(stack, "chest-xray", [dicom])
+    _assert_same_result(job["result"], local)
+
+
 def test_a_fraud_tensor_job_matches_predict(stack: Stack) -> None:
     inputs = fraud_example(rows=4)
     with stack.client() as client:
