@@ -38,7 +38,7 @@ def celery_config(settings: Settings, registry: Registry) -> dict[str, Any]:
     return {
         "broker_url": url,
         "result_backend": url,
-        # JSON only: nothing is ever pickled, in messages, results or events.
+        # JSON only, in messages, results and events: no Python object serialization anywhere.
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],

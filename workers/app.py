@@ -7,6 +7,8 @@ loads and warms them before it takes a job.
 from __future__ import annotations
 
 import logging
+import sys
+from os import EX_CONFIG
 from typing import Any
 
 from celery.concurrency.prefork import TaskPool as PreforkPool
@@ -40,8 +42,10 @@ def _prepare(sender: str, instance: Any, **_: Any) -> None:
         if not (isinstance(pool, type) and issubclass(pool, PreforkPool)):
             runtime.start()
     except InferqError as e:
-        # A worker that cannot serve its models must not take their jobs: stop with the reason.
-        raise SystemExit(f"inferq worker cannot start: {e.message}") from e
+        # A worker that cannot serve its models must not take their jobs: stop with the reason. Celery turns a
+        # SystemExit raised here into the worker's exit status, and drops its message, so say it first.
+        print(f"inferq worker cannot start: {e.message}", file=sys.stderr, flush=True)
+        raise SystemExit(EX_CONFIG) from e
 
 
 @worker_process_init.connect

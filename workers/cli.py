@@ -17,7 +17,6 @@ from protocol.errors import InferqError, InvalidRequest, ModelLoadError
 from protocol.intake import FileUpload, TensorUpload, validate_input
 from protocol.registry import ModelSpec, load_registry
 from workers.inference import load_runner
-from workers.runtime import require_cuda
 from workers.weights import ensure_generated_weights
 
 
@@ -34,19 +33,18 @@ def run_worker(*, pool: str, models: list[str] | None, concurrency: int | None, 
     settings = Settings()
     try:
         specs = _selected_models(settings, pool, models)
-        if pool == "gpu":
-            require_cuda()
     except InferqError as e:
         raise click.ClickException(e.message) from e
-    # workers.app builds its settings at import: hand the pool's choices down through its environment.
+    # workers.app builds its settings at import: hand the pool's choices down through its environment. Its start-up
+    # hook then checks for CUDA (in a subprocess) before any fork, for this form and the plain `celery` one alike.
     os.environ["INFERQ_DEVICE"] = "cuda" if pool == "gpu" else "cpu"
     processes = concurrency or settings.worker_concurrency
     os.environ["INFERQ_WORKER_CONCURRENCY"] = str(processes)
-    from workers.app import app
-
     queues = ",".join(spec.queue_name for spec in specs)
     argv = ["worker", "-Q", queues, "-n", f"inferq-{pool}-{os.getpid()}@%h", "-c", str(processes), "-l", loglevel]
-    app.worker_main(argv)
+    # Become the plain Celery command: one code path for both forms, and its exit status (a worker that refused
+    # to start exits non-zero) and signals reach the caller unchanged.
+    os.execv(sys.executable, [sys.executable, "-m", "celery", "-A", "workers.app", *argv])  # noqa: S606
 
 
 def _upload_of(spec: ModelSpec, path: Path) -> FileUpload | TensorUpload:

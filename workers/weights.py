@@ -1,4 +1,4 @@
-"""Model weights: reproducible generation, sha256 verification, and loading without pickle.
+"""Model weights: reproducible generation, sha256 verification, and loading with no Python object deserialization.
 
 Weights the repo makes itself (a registry entry with `weights_seed`) must hash the same everywhere, or the sha256
 in the registry would be no check at all. So their values come from the PCG64 bit stream (stable by NumPy's
@@ -6,7 +6,8 @@ policy) through exact IEEE arithmetic only, and the file is written by `_safeten
 writer emits its metadata in a random order per process, which changes the bytes from one run to the next.
 
 Loading verifies the sha256 of the very bytes it then deserialises, so a file swapped after the check is never
-run. TorchScript and torch.export archives are read by their own loaders; nothing here unpickles a checkpoint.
+run. TorchScript and torch.export archives are read by their own loaders; no checkpoint becomes arbitrary
+Python objects.
 """
 
 from __future__ import annotations

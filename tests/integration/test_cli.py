@@ -53,3 +53,8 @@ def test_the_gpu_pool_refuses_to_start_without_a_gpu(stack: Stack) -> None:
     done = _inferq(stack, "worker", "--pool", "gpu", "--models", "chest-xray", timeout_s=180)
     assert done.returncode != 0
     assert "CUDA" in done.stderr
+    # The plain Celery form, asked for CUDA through the settings, refuses the same way.
+    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "chest-xray"]
+    env = {**stack.env, "INFERQ_DEVICE": "cuda"}
+    plain = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert plain.returncode != 0 and "CUDA" in plain.stderr
