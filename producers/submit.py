@@ -106,10 +106,10 @@ class JobSubmitter:
 
     def queue_depths(self) -> dict[str, int]:
         """Messages waiting per model, summed over kombu's priority lists."""
+        lists = {model: queue_lists(spec.queue_name) for model, spec in self._registry.items()}
         pipe = self._stores.text.pipeline()
-        for spec in self._registry.values():
-            for name in queue_lists(spec.queue_name):
+        for names in lists.values():
+            for name in names:
                 pipe.llen(name)
         counts = iter(pipe.execute())
-        steps = len(queue_lists("q"))
-        return {name: sum(next(counts) for _ in range(steps)) for name in self._registry}
+        return {model: sum(next(counts) for _ in names) for model, names in lists.items()}

@@ -20,8 +20,9 @@ HARD_LIMIT_GRACE_S = 15.0
 
 
 def _queue(name: str) -> Queue:
-    # Each queue gets its own direct exchange: left to Celery's defaults, every queue would be bound to the
-    # default queue's exchange and key, and one message would be copied into every model's queue.
+    # Each queue gets its own direct exchange and key. Left to Celery's defaults, every queue is declared on the
+    # default queue's exchange and key (the worker banner showed `fraud` bound to `chest-xray`), so routing would
+    # rest on the queue name alone; a message copied into two queues was not observed, but nothing ruled it out.
     queue = queue_for(name)
     return Queue(queue, Exchange(queue, type="direct"), routing_key=queue)
 
