@@ -76,10 +76,39 @@ class Settings(BaseSettings):
 
     # --- workers
     device: Literal["cpu", "cuda"] = Field(default="cpu", description="Where a worker runs its models.")
-    worker_concurrency: int = Field(default=1, gt=0, description="Worker processes per `inferq worker`.")
-    torch_threads: int = Field(
-        default=0, ge=0, description="Intra-op threads per worker process; 0 divides the cores among processes."
+    worker_processes: int = Field(
+        default=0, ge=0, description="Worker processes per `inferq worker`; 0: one per usable CPU (or per GPU)."
     )
+    torch_threads: int = Field(
+        default=0, ge=0, description="Intra-op threads per worker process; 0: usable CPUs / worker processes."
+    )
+    worker_slots: int = Field(
+        default=0,
+        ge=0,
+        description="Jobs one worker process holds at once (decoding, waiting for or in a batch); 0: twice the "
+        "largest max_batch_size of its models, at most 64.",
+    )
+
+    # --- delivery guarantees, in seconds
+    lease_s: float = Field(default=20.0, ge=1, description="A running attempt's lease; renewed every quarter of it.")
+    reconcile_interval_s: float = Field(default=2.0, gt=0, description="How often the reconciler looks for work.")
+    lost_message_check_s: float = Field(
+        default=30.0, gt=0, description="A queued job whose message is in no broker list this long is published again."
+    )
+    retry_backoff_s: float = Field(default=1.0, gt=0, description="First retry delay; doubles per attempt, jittered.")
+    retry_backoff_max_s: float = Field(default=60.0, gt=0, description="Longest retry delay.")
+
+    # --- callbacks
+    callback_secret: SecretStr | None = Field(
+        default=None, description="Standard Webhooks signing secret (`whsec_...`); unset: callbacks are refused."
+    )
+    callback_allow: str = Field(
+        default="",
+        description="Comma-separated hosts, host:port or CIDRs that callbacks may reach although they are loopback, "
+        "link-local or private addresses.",
+    )
+    callback_retry_period_s: float = Field(default=24 * 3600, gt=0, description="How long a callback is retried.")
+    callback_timeout_s: float = Field(default=10.0, gt=0, description="One delivery attempt's HTTP timeout.")
 
     # --- demo
     data_dir: Path = Field(default=Path(".inferq"), description="Private Redis data (AOF) and demo samples.")

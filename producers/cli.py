@@ -173,12 +173,84 @@ def _worker_cli() -> Any:
 @main.command()
 @click.option("--pool", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
 @click.option("--models", "model_names", default=None, help="Comma-separated; default: the pool's models.")
-@click.option("--concurrency", type=int, default=None, help="Worker processes (default INFERQ_WORKER_CONCURRENCY).")
+@click.option("--processes", type=int, default=None, help="Worker processes (default: one per usable CPU).")
+@click.option("--concurrency", type=int, default=None, help="Alias of --processes.")
+@click.option("--threads", type=int, default=None, help="Torch threads per process (default 1).")
+@click.option("--gpus", default=None, help="Comma-separated CUDA devices, one worker process each (gpu pool).")
 @click.option("--loglevel", default="info", show_default=True)
-def worker(pool: str, model_names: str | None, concurrency: int | None, loglevel: str) -> None:
-    """Start a Celery worker consuming the models' queues."""
-    names = [n.strip() for n in model_names.split(",") if n.strip()] if model_names else None
-    _worker_cli().run_worker(pool=pool, models=names, concurrency=concurrency, loglevel=loglevel)
+def worker(
+    pool: str,
+    model_names: str | None,
+    processes: int | None,
+    concurrency: int | None,
+    threads: int | None,
+    gpus: str | None,
+    loglevel: str,
+) -> None:
+    """Start worker processes consuming the models' queues; each batches the jobs it holds."""
+    names = _split(model_names)
+    status = _worker_cli().run_worker(
+        pool=pool,
+        models=names,
+        processes=processes or concurrency,
+        threads=threads,
+        gpus=_split(gpus),
+        loglevel=loglevel,
+    )
+    sys.exit(status)
+
+
+def _split(text: str | None) -> list[str] | None:
+    return [part.strip() for part in text.split(",") if part.strip()] if text else None
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="Run one pass and print what it did.")
+def reconciler(once: bool) -> None:
+    """Recover jobs of dead workers, lost messages and retries; expire late jobs. Safe to run many."""
+    from producers.operations import run_reconciler
+
+    sys.exit(run_reconciler(Settings(), once=once))
+
+
+@main.command()
+@click.option("--threads", type=int, default=8, show_default=True, help="Deliveries in flight at once.")
+@click.option("--loglevel", default="info", show_default=True)
+def callbacks(threads: int, loglevel: str) -> None:
+    """Deliver job callbacks (a torch-free Celery worker on the inferq-callbacks queue)."""
+    from protocol.keys import CALLBACK_QUEUE
+
+    argv = [sys.executable, "-m", "celery", "-A", "producers.celery_app", "worker", "-Q", CALLBACK_QUEUE]
+    argv += ["-P", "threads", "-c", str(threads), "-n", f"inferq-callbacks-{os.getpid()}@%h", "-l", loglevel]
+    argv += ["--without-mingle", "--without-gossip"]
+    os.execv(sys.executable, argv)  # noqa: S606
+
+
+@main.group(name="dead-letter")
+def dead_letter() -> None:
+    """Jobs that used up their attempts (no patient data is shown)."""
+
+
+@dead_letter.command(name="list")
+def dead_letter_list() -> None:
+    """One JSON line per dead-lettered job."""
+    from producers.operations import dead_letter_rows
+
+    for row in dead_letter_rows(Settings()):
+        _print_json(row)
+
+
+@dead_letter.command(name="requeue")
+@click.argument("job_ids", nargs=-1)
+@click.option("--all", "requeue_all", is_flag=True, help="Requeue every dead-lettered job.")
+def dead_letter_requeue(job_ids: tuple[str, ...], requeue_all: bool) -> None:
+    """Put dead-lettered jobs back in their queue with fresh attempts."""
+    from producers.operations import requeue_dead_letters
+
+    outcomes = requeue_dead_letters(Settings(), list(job_ids), everything=requeue_all)
+    for job_id, outcome in outcomes.items():
+        _print_json({"job_id": job_id, "requeue": outcome})
+    sys.exit(0 if all(o == "ok" for o in outcomes.values()) else 1)
 
 
 @main.command()

@@ -5,6 +5,7 @@ the job record, then sends the Celery task by name with only the job id and the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -85,23 +86,27 @@ class JobSubmitter:
             "idempotency_key": options.idempotency_key or "",
             "input_kind": validated.input_kind,
             "media_type": validated.media_type,
+            "max_attempts": str(spec.max_attempts),
         }
         stored_id = self._stores.jobs.create(job_id, fields, idempotency=options.idempotency_key)
         if stored_id != job_id:
             self._stores.blobs.delete(blob_ref)
             status = self._stores.jobs.fields(stored_id)["status"]
             return Receipt(job_id=stored_id, status=status, replayed=True)
-        self._send(spec, job_id, blob_ref)
+        self._send(spec, job_id, blob_ref, options.idempotency_key)
         return Receipt(job_id=job_id, status=JobStatus.QUEUED.value, replayed=False)
 
-    def _send(self, spec: ModelSpec, job_id: str, blob_ref: str) -> None:
+    def _send(self, spec: ModelSpec, job_id: str, blob_ref: str, idempotency: str | None) -> None:
         try:
             # By name: producers never import worker code. The job id doubles as the task id for Flower.
             self._celery.send_task(task_name_for(spec.name), args=[job_id, blob_ref], task_id=job_id)
         except Exception as e:
             log.warning("enqueue failed for job %s: %s", job_id, type(e).__name__)
-            error = BackendUnavailable("the broker refused the job; submit it again").to_dict()
-            self._stores.jobs.fail_unsent(job_id, blob_ref, error)
+            # Not replayed as a failure: the job is removed, so the same idempotency key creates it afresh. Should the
+            # removal fail too, the job stays queued and the reconciler publishes it once the broker is back.
+            with contextlib.suppress(Exception):
+                self._stores.jobs.forget(job_id, idempotency=idempotency, model=spec.name)
+                self._stores.blobs.delete(blob_ref)
             raise BackendUnavailable("the broker is unavailable; try again") from e
 
     def queue_depths(self) -> dict[str, int]:

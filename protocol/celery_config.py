@@ -12,11 +12,15 @@ from kombu import Exchange, Queue
 
 from config import Settings
 from protocol.errors import InvalidRequest
-from protocol.keys import queue_for, task_name_for
-from protocol.registry import Registry
+from protocol.keys import CALLBACK_QUEUE, CALLBACK_TASK, queue_for, task_name_for
+from protocol.registry import ModelSpec, Registry
 
-# The hard limit leaves a soft-limited task this long to record its failure before the process is killed.
-HARD_LIMIT_GRACE_S = 15.0
+# Jobs one worker process holds at once, by default: one batch computing and the next one filling.
+_MAX_DEFAULT_SLOTS = 64
+
+
+def default_slots(specs: list[ModelSpec]) -> int:
+    return min(_MAX_DEFAULT_SLOTS, 2 * max((spec.max_batch_size for spec in specs), default=1))
 
 
 def _queue(name: str) -> Queue:
@@ -30,39 +34,42 @@ def _queue(name: str) -> Queue:
 def celery_config(settings: Settings, registry: Registry) -> dict[str, Any]:
     """Every value that differs from Celery's default, with the reason."""
     url = settings.redis_url_or_default
-    longest_s = max(spec.time_limit_s for spec in registry.values()) + HARD_LIMIT_GRACE_S
+    longest_s = max(spec.hard_limit_s for spec in registry.values())
     if settings.broker_visibility_timeout_s <= longest_s:
         raise InvalidRequest(
-            f"broker_visibility_timeout_s ({settings.broker_visibility_timeout_s}) must exceed the longest time "
-            f"limit plus grace ({longest_s}), or Redis redelivers jobs that are still running"
+            f"broker_visibility_timeout_s ({settings.broker_visibility_timeout_s}) must exceed the longest hard time "
+            f"limit ({longest_s}), or Redis redelivers jobs that are still running"
         )
     return {
         "broker_url": url,
-        "result_backend": url,
-        # JSON only, in messages, results and events: no Python object serialization anywhere.
+        # No result backend: the job record is the source of truth, and writing Celery's copy cost a round trip.
+        "task_ignore_result": True,
+        # JSON only, in messages and events: no Python object serialization anywhere.
         "task_serializer": "json",
-        "result_serializer": "json",
         "accept_content": ["json"],
-        "result_accept_content": ["json"],
         "event_serializer": "json",
-        # Acknowledge after the task ran, and give the message back if the worker process dies mid-task.
+        # Acknowledge after the task ran: a message held by a worker that dies is given back by the broker.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        # Inference jobs are long: a process holds one message at a time, so others can take the rest.
+        # A worker process is a node with a thread per job it holds, so that jobs that are there together can run
+        # as one batch; prefetch equals the threads, and no process hoards more than it can batch.
+        "worker_pool": "threads",
+        "worker_concurrency": default_slots(list(registry.values())),
         "worker_prefetch_multiplier": 1,
-        "result_expires": settings.result_ttl_s,
         "broker_transport_options": {"visibility_timeout": settings.broker_visibility_timeout_s},
-        "result_backend_transport_options": {"visibility_timeout": settings.broker_visibility_timeout_s},
-        "task_routes": {task_name_for(name): {"queue": queue_for(spec.queue_name)} for name, spec in registry.items()},
-        "task_queues": [_queue(spec.queue_name) for spec in registry.values()],
+        "task_routes": {
+            CALLBACK_TASK: {"queue": CALLBACK_QUEUE},
+            **{task_name_for(name): {"queue": queue_for(spec.queue_name)} for name, spec in registry.items()},
+        },
+        "task_queues": [_queue(spec.queue_name) for spec in registry.values()] + [_queue(CALLBACK_QUEUE)],
         "task_default_queue": queue_for(next(iter(registry.values())).queue_name),
         # Flower shows tasks from events: workers send them, producers announce each task sent.
         "worker_send_task_events": True,
         "task_send_sent_event": True,
-        # A child process loads and warms its models before reporting up; DenseNet on 2 cores needs more than 4 s.
+        # A process loads and warms its models before it consumes; DenseNet on 2 cores needs more than 4 s.
         "worker_proc_alive_timeout": 300.0,
-        # On a lost broker connection, stop running tasks: late acks mean they will be redelivered anyway.
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Threads cannot be cancelled; on a lost connection, running jobs finish and leases protect the rest.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "broker_connection_retry_on_startup": True,
     }
 

@@ -15,12 +15,14 @@
     │   └── JobNotCancellable        409 job_not_cancellable
     ├── TransientError               the system had a bad moment: retried with backoff, HTTP 503
     │   ├── BackendUnavailable       503 backend_unavailable
-    │   └── BlobMissing              410 blob_missing (the upload expired before it was read)
+    │   ├── BlobMissing              410 blob_missing (the upload expired before it was read)
+    │   └── WorkerLost               503 worker_lost (the worker running the job died; the job runs again)
     ├── ModelError                   the model could not answer: job `failed`
-        ├── ModelLoadError           500 model_load_error (also a worker that refuses to start)
-        ├── ChecksumMismatch         500 checksum_mismatch
-        ├── TimeLimitExceeded        504 time_limit_exceeded
-        └── InferenceError           500 inference_error
+    │   ├── ModelLoadError           500 model_load_error (also a worker that refuses to start)
+    │   │   └── ChecksumMismatch     500 checksum_mismatch
+    │   ├── TimeLimitExceeded        504 timeout (the soft or the hard time limit)
+    │   ├── PoisonJob                500 poison (its attempts kept ending the worker process: dead-lettered)
+    │   └── InferenceError           500 inference_error
     └── RemoteError                  a client's view of an error the API answered with (its code kept)
 
 Third-party exceptions are wrapped where they enter (`raise InvalidImage(...) from e`). Messages never carry
@@ -151,6 +153,12 @@ class BlobMissing(TransientError):
     retryable = False
 
 
+class WorkerLost(TransientError):
+    """The worker running the job stopped renewing its lease (it died or lost its network); the job runs again."""
+
+    code = "worker_lost"
+
+
 class ModelError(InferqError):
     """The model could not produce an answer."""
 
@@ -170,10 +178,16 @@ class ChecksumMismatch(ModelLoadError):
 
 
 class TimeLimitExceeded(ModelError):
-    """The job ran past its model's time limit."""
+    """The job ran past its model's soft or hard time limit."""
 
-    code = "time_limit_exceeded"
+    code = "timeout"
     http_status = 504
+
+
+class PoisonJob(ModelError):
+    """Every attempt of the job ended the worker process that ran it; it is kept in the dead-letter list."""
+
+    code = "poison"
 
 
 class InferenceError(ModelError):

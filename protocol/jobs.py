@@ -1,26 +1,42 @@
 """The job record: the source of truth for a job's state, kept in Redis next to the broker.
 
-Celery's own state (the message, the result backend) can lose or repeat a job; the record cannot be moved
-backwards: every transition is a Lua script that checks the current state first, and all timestamps come from
-the Redis server's clock so that hosts with drifting clocks agree.
+Celery's message can be lost, repeated or held by a dead worker; the record cannot be moved backwards: every
+transition is a Lua script (`protocol.job_scripts`) that checks the current state first, and all timestamps come
+from the Redis server's clock so that hosts with drifting clocks agree.
 
     queued ──claim──> running ──finish──> succeeded | failed
-      │  └──claim after queued_ttl_s──> expired
-      └──cancel──> cancelled
+      │   ^              │ └──lease lapsed / transient error──> queued again (backoff), or failed + dead letter
+      │   └──────────────┘
+      ├──queue deadline──> expired
+      └──cancel (also while claimed, before its forward pass starts)──> cancelled
+
+A running attempt holds a lease that its worker renews; `attempts` is the fencing token that lets only the current
+attempt write the outcome. The reconciler (`producers.reconciler`) drives the time-based transitions.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 import redis
 
+from protocol import job_scripts
 from protocol.errors import JobNotCancellable, UnknownJob
-from protocol.keys import blob_key, idempotency_key, job_key
+from protocol.keys import (
+    callbacks_key,
+    dead_letter_key,
+    idempotency_key,
+    job_key,
+    leases_key,
+    published_key,
+    queued_key,
+    retries_key,
+)
 
 
 class JobStatus(StrEnum):
@@ -34,6 +50,13 @@ class JobStatus(StrEnum):
     @property
     def is_final(self) -> bool:
         return self not in (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+FINAL_STATUSES = frozenset(s.value for s in JobStatus if s.is_final)
+EXPIRED_ERROR = {"code": "expired", "message": "the job was not started before its queue deadline", "retryable": False}
+CANCELLED_ERROR = {"code": "cancelled", "message": "the job was cancelled before it ran", "retryable": False}
+# A callback is handed to its queue at once; if that message is lost the reconciler hands it out after this.
+CALLBACK_GRACE_S = 30
 
 
 def new_job_id() -> str:
@@ -50,51 +73,30 @@ def _json_or_none(text: str | None) -> Any:
     return json.loads(text) if text else None
 
 
-_NOW = "local t = redis.call('TIME') local now = t[1] .. '.' .. string.format('%06d', t[2])"
+@dataclass(frozen=True)
+class Claim:
+    """What a claim got: `outcome` is 'claimed' (then `token` fences this attempt), 'leased', a final status or
+    'missing'. `lost` counts earlier attempts that died with their worker."""
 
-# KEYS: job, idempotency (or the job key again when there is none). ARGV: job id, queued ttl, keep ttl, fields...
-_CREATE = f"""
-{_NOW}
-if KEYS[2] ~= KEYS[1] then
-  local existing = redis.call('GET', KEYS[2])
-  if existing then return existing end
-  redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
-end
-redis.call('HSET', KEYS[1], 'submitted_at', now, 'expires_at', tonumber(now) + tonumber(ARGV[2]))
-for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-return ARGV[1]
-"""
+    outcome: str
+    token: int = 0
+    lost: int = 0
 
-# KEYS: job. ARGV: the error for an expired job, keep ttl. A running job claimed again was redelivered.
-_CLAIM = f"""
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 'missing' end
-{_NOW}
-if status == 'queued' and tonumber(now) > tonumber(redis.call('HGET', KEYS[1], 'expires_at')) then
-  redis.call('HSET', KEYS[1], 'status', 'expired', 'finished_at', now, 'error', ARGV[1])
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
-  return 'expired'
-end
-if status == 'queued' or status == 'running' then
-  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', now)
-  redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-  return 'claimed'
-end
-return status
-"""
+    @property
+    def claimed(self) -> bool:
+        return self.outcome == "claimed"
 
-# KEYS: job, blob. ARGV: from-status, to-status, result json, error json, keep ttl.
-_FINISH = f"""
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 'missing' end
-if status ~= ARGV[1] then return status end
-{_NOW}
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', now, 'result', ARGV[3], 'error', ARGV[4])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('EXPIRE', KEYS[2], ARGV[5])
-return 'ok'
-"""
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an attempt ended, to be written by `JobStore.finish` if the attempt still owns its job."""
+
+    job_id: str
+    token: int
+    status: JobStatus
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    batch_size: int = 0
 
 
 class JobStore:
@@ -102,23 +104,70 @@ class JobStore:
 
     def __init__(self, redis_client: redis.Redis, *, queued_ttl_s: int, result_ttl_s: int) -> None:
         self._redis = redis_client
-        self._queued_ttl_s = queued_ttl_s
+        self.queued_ttl_s = queued_ttl_s
         # A record outlives its queue expiry, so a client can still read `expired` for a full result TTL.
-        self._keep_ttl_s = queued_ttl_s + result_ttl_s
-        self._result_ttl_s = result_ttl_s
-        self._create = redis_client.register_script(_CREATE)
-        self._claim = redis_client.register_script(_CLAIM)
-        self._finish = redis_client.register_script(_FINISH)
+        self.keep_ttl_s = queued_ttl_s + result_ttl_s
+        self.result_ttl_s = result_ttl_s
+        self._scripts = {
+            name: redis_client.register_script(getattr(job_scripts, name))
+            for name in (
+                "CREATE", "CLAIM", "BEGIN", "RENEW", "FINISH", "RELEASE", "RECOVER", "CANCEL", "EXPIRE",
+                "REQUEUE_DEAD", "CALLBACK_TAKE", "CALLBACK_DONE",
+            )
+        }  # fmt: skip
 
-    def create(self, job_id: str, fields: dict[str, str], *, idempotency: str | None = None) -> str:
-        """Store a queued job; returns its id, or the id of the job already stored under the idempotency key."""
-        model = fields["model"]
-        idem = idempotency_key(model, idempotency) if idempotency else job_key(job_id)
+    @property
+    def redis(self) -> redis.Redis:
+        return self._redis
+
+    def _run(self, name: str, job_id: str, *args: Any, keys: list[str] | None = None, client: Any = None) -> Any:
+        return self._scripts[name](keys=keys or [job_key(job_id)], args=[job_id, *args], client=client)
+
+    # --- submission
+
+    def create(
+        self, job_id: str, fields: dict[str, str], *, idempotency: str | None = None, queue_s: float | None = None
+    ) -> str:
+        """Store a queued job; returns its id, or the id of the live job already stored under the idempotency key.
+
+        `queue_s` shortens the queue deadline below `queued_ttl_s` (a job's own `deadline_s`)."""
+        keys, args = self._create_args(job_id, fields, idempotency, queue_s)
+        return str(self._scripts["CREATE"](keys=keys, args=args))
+
+    def create_many(self, jobs: list[tuple[str, dict[str, str], str | None, float | None]]) -> list[str]:
+        """`create` for many jobs in one round trip; each element is (job id, fields, idempotency, queue_s)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id, fields, idempotency, queue_s in jobs:
+            keys, args = self._create_args(job_id, fields, idempotency, queue_s)
+            self._scripts["CREATE"](keys=keys, args=args, client=pipe)
+        return [str(stored) for stored in pipe.execute()]
+
+    def _create_args(
+        self, job_id: str, fields: dict[str, str], idempotency: str | None, queue_s: float | None
+    ) -> tuple[list[str], list[Any]]:
+        idem = idempotency_key(fields["model"], idempotency) if idempotency else job_key(job_id)
+        deadline_s = min(self.queued_ttl_s, queue_s) if queue_s else self.queued_ttl_s
         flat: list[str] = []
-        for name, value in {**fields, "status": JobStatus.QUEUED.value, "attempts": "0"}.items():
+        for name, value in fields.items():
             flat += [name, value]
-        keys = [job_key(job_id), idem]
-        return str(self._create(keys=keys, args=[job_id, self._queued_ttl_s, self._keep_ttl_s, *flat]))
+        return [job_key(job_id), idem], [job_id, deadline_s, self.keep_ttl_s, *flat]
+
+    def forget(self, job_id: str, *, idempotency: str | None, model: str) -> None:
+        """Remove a job that was never published, so that a retry of the submission creates it anew."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.delete(job_key(job_id))
+        if idempotency:
+            pipe.delete(idempotency_key(model, idempotency))
+        for index in (queued_key(), published_key()):
+            pipe.zrem(index, job_id)
+        pipe.execute()
+
+    def mark_published(self, job_ids: list[str]) -> None:
+        """Record when jobs' messages were (re)sent, for the reconciler's lost-message check."""
+        now_s = self.server_time_s()
+        self._redis.zadd(published_key(), dict.fromkeys(job_ids, now_s))
+
+    # --- reading
 
     def fields(self, job_id: str) -> dict[str, str]:
         stored: dict[str, str] = self._redis.hgetall(job_key(job_id))  # type: ignore[assignment]
@@ -127,53 +176,137 @@ class JobStore:
         return stored
 
     def view(self, job_id: str) -> dict[str, Any]:
-        """The job as clients see it."""
-        f = self.fields(job_id)
-        return {
-            "job_id": job_id,
-            "model": f.get("model"),
-            "model_version": f.get("model_version"),
-            "status": f.get("status"),
-            "submitted_at": _iso(f.get("submitted_at")),
-            "started_at": _iso(f.get("started_at")),
-            "finished_at": _iso(f.get("finished_at")),
-            "attempts": int(f.get("attempts", "0")),
-            "result": _json_or_none(f.get("result")),
-            "error": _json_or_none(f.get("error")),
-        }
+        """The job as clients see it; a queued job past its deadline reads `expired` even if no worker looked."""
+        fields = self.fields(job_id)
+        if fields.get("status") == JobStatus.QUEUED and self.server_time_s() > float(fields.get("expires_at") or 0):
+            self.expire(job_id)
+            fields = self.fields(job_id)
+        return render_view(job_id, fields)
 
-    def claim(self, job_id: str, expired_error: dict[str, Any]) -> str:
-        """Move a job to `running`; returns 'claimed', or why not: its final status, or 'missing'."""
-        return str(self._claim(keys=[job_key(job_id)], args=[json.dumps(expired_error), self._result_ttl_s]))
+    def views(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
+        """Many jobs in one round trip; None for an unknown id."""
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(job_key(job_id))
+        return [render_view(j, f) if f else None for j, f in zip(job_ids, pipe.execute(), strict=True)]
 
-    def succeed(self, job_id: str, blob_ref: str, result: dict[str, Any]) -> str:
-        return self._transition(job_id, blob_ref, JobStatus.RUNNING, JobStatus.SUCCEEDED, result=result)
+    def server_time_s(self) -> float:
+        seconds, micros = self._redis.time()
+        return float(seconds) + float(micros) / 1e6
 
-    def fail(self, job_id: str, blob_ref: str, error: dict[str, Any]) -> str:
-        return self._transition(job_id, blob_ref, JobStatus.RUNNING, JobStatus.FAILED, error=error)
+    # --- the attempt
 
-    def fail_unsent(self, job_id: str, blob_ref: str, error: dict[str, Any]) -> str:
-        """A job whose message never reached the broker fails at once instead of waiting to expire."""
-        return self._transition(job_id, blob_ref, JobStatus.QUEUED, JobStatus.FAILED, error=error)
+    def claim(self, job_id: str, *, node: str, pid: int, lease_s: float, client: Any = None) -> Any:
+        """Start an attempt; `claim_result` reads the reply (split so that a pipeline can also fetch the blob)."""
+        args = [node, pid, lease_s, json.dumps(EXPIRED_ERROR), self.keep_ttl_s, CALLBACK_GRACE_S]
+        return self._run("CLAIM", job_id, *args, client=client)
+
+    @staticmethod
+    def claim_result(reply: Any) -> Claim:
+        outcome, token, lost = reply
+        outcome = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
+        return Claim(outcome=outcome, token=int(token), lost=int(lost))
+
+    def begin(self, leases: list[tuple[str, int]]) -> list[bool]:
+        """Mark attempts as computing (no cancelling from here); False for an attempt that was fenced off."""
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id, token in leases:
+            self._run("BEGIN", job_id, token, client=pipe)
+        return [reply == "ok" for reply in pipe.execute()]
+
+    def renew(self, leases: list[tuple[str, int]], *, lease_s: float) -> list[bool]:
+        """Extend the leases of live attempts in one round trip; False where the attempt no longer owns its job."""
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id, token in leases:
+            self._run("RENEW", job_id, token, lease_s, client=pipe)
+        return [reply == "ok" for reply in pipe.execute()]
+
+    def finish(self, outcomes: list[Outcome]) -> list[str]:
+        """Write the outcomes of live attempts in one round trip.
+
+        Each reply is 'ok', 'ok:callback' (a callback is now owed), 'fenced' (another attempt owns the job, or it
+        was cancelled or timed out) or 'missing'."""
+        pipe = self._redis.pipeline(transaction=False)
+        for o in outcomes:
+            payloads = [json.dumps(o.result) if o.result is not None else "", json.dumps(o.error) if o.error else ""]
+            args = [o.token, o.status.value, *payloads, self.result_ttl_s, CALLBACK_GRACE_S, o.batch_size]
+            self._run("FINISH", o.job_id, *args, client=pipe)
+        return [str(reply) for reply in pipe.execute()]
+
+    def release(self, job_id: str, token: int, *, backoff_s: float, error: dict[str, Any]) -> str:
+        """A transient failure: back to the queue after `backoff_s`, or 'dead' when the attempts are used up."""
+        args = [token, backoff_s, json.dumps(error), self.result_ttl_s, CALLBACK_GRACE_S]
+        return str(self._run("RELEASE", job_id, *args))
+
+    # --- cancelling, expiry, recovery
 
     def cancel(self, job_id: str) -> None:
-        """Cancel a queued job; cancelling a cancelled job again is a no-op."""
-        blob_ref = self.fields(job_id).get("blob_ref", "")
-        outcome = self._transition(job_id, blob_ref, JobStatus.QUEUED, JobStatus.CANCELLED)
+        """Cancel a job that has not started computing; cancelling a cancelled job again is a no-op."""
+        outcome = str(self._run("CANCEL", job_id, json.dumps(CANCELLED_ERROR), self.result_ttl_s, CALLBACK_GRACE_S))
+        if outcome == "missing":
+            raise UnknownJob(f"no job with id {job_id!r}")
         if outcome not in ("ok", JobStatus.CANCELLED.value):
-            raise JobNotCancellable(f"job {job_id} is {outcome}; only a queued job can be cancelled")
+            raise JobNotCancellable(f"job {job_id} is {outcome}; only a job that has not started can be cancelled")
 
-    def _transition(
-        self,
-        job_id: str,
-        blob_ref: str,
-        source: JobStatus,
-        target: JobStatus,
-        *,
-        result: dict[str, Any] | None = None,
-        error: dict[str, Any] | None = None,
-    ) -> str:
-        keys = [job_key(job_id), blob_key(blob_ref)]
-        payloads = [json.dumps(result) if result is not None else "", json.dumps(error) if error is not None else ""]
-        args = [source.value, target.value, *payloads, self._result_ttl_s]
-        return str(self._finish(keys=keys, args=args))
+    def expire(self, job_id: str) -> str:
+        return str(self._run("EXPIRE", job_id, json.dumps(EXPIRED_ERROR), self.result_ttl_s, CALLBACK_GRACE_S))
+
+    def recover(self, job_id: str, *, backoff_s: float) -> str:
+        """A running job whose lease lapsed: 'requeued', 'dead' (attempts used up), 'live' or 'gone'."""
+        return str(self._run("RECOVER", job_id, backoff_s, self.result_ttl_s, CALLBACK_GRACE_S))
+
+    def requeue_dead(self, job_id: str) -> str:
+        return str(self._run("REQUEUE_DEAD", job_id, self.queued_ttl_s, self.keep_ttl_s))
+
+    def due(self, index: str, *, limit: int = 500) -> list[str]:
+        """Members of a time-scored index whose time has come."""
+        members: list[str] = self._redis.zrangebyscore(index, "-inf", self.server_time_s(), start=0, num=limit)  # type: ignore[assignment]
+        return members
+
+    def take_retry(self, job_id: str) -> bool:
+        """True for the one caller (of many reconcilers) that removed the job from the retry index."""
+        return bool(self._redis.zrem(retries_key(), job_id))
+
+    def dead_letters(self, *, limit: int = 1000) -> list[str]:
+        return list(self._redis.zrange(dead_letter_key(), 0, limit - 1))  # type: ignore[arg-type]
+
+    def running(self) -> list[str]:
+        return list(self._redis.zrange(leases_key(), 0, -1))  # type: ignore[arg-type]
+
+    # --- callbacks
+
+    def take_callback(self, job_id: str, *, in_flight_s: float) -> bool:
+        return self._run("CALLBACK_TAKE", job_id, in_flight_s) == "ok"
+
+    def callback_done(self, job_id: str, outcome: str, detail: str, *, retry_in_s: float = 0.0) -> str:
+        return str(self._run("CALLBACK_DONE", job_id, outcome, detail, retry_in_s))
+
+    def due_callbacks(self) -> list[str]:
+        return self.due(callbacks_key())
+
+
+def render_view(job_id: str, fields: dict[str, str]) -> dict[str, Any]:
+    """The job as clients see it, from its stored fields."""
+    view: dict[str, Any] = {
+        "job_id": job_id,
+        "model": fields.get("model"),
+        "model_version": fields.get("model_version"),
+        "status": fields.get("status"),
+        "submitted_at": _iso(fields.get("submitted_at")),
+        "started_at": _iso(fields.get("started_at")),
+        "finished_at": _iso(fields.get("finished_at")),
+        "attempts": int(fields.get("attempts") or "0"),
+        "result": _json_or_none(fields.get("result")),
+        "error": _json_or_none(fields.get("error")),
+        "batch_size": int(fields.get("batch_size") or "0") or None,
+    }
+    if fields.get("callback_url"):
+        view["callback"] = {
+            "state": fields.get("callback_state") or "waiting",
+            "attempts": int(fields.get("callback_attempts") or "0"),
+            "last": fields.get("callback_last") or None,
+            "delivered_at": _iso(fields.get("callback_done_at"))
+            if fields.get("callback_state") == "delivered"
+            else None,
+        }
+    return view

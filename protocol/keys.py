@@ -8,9 +8,13 @@ from __future__ import annotations
 
 PREFIX = "inferq"
 TASK_PREFIX = "inferq.infer"
+CALLBACK_TASK = "inferq.deliver_callback"
+CALLBACK_QUEUE = "inferq-callbacks"
 # kombu's Redis transport keeps one list per priority step, named queue + separator + step (step 0: bare name).
 KOMBU_PRIORITY_SEPARATOR = "\x06\x16"
 KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
+# kombu's Redis transport: delivered but unacknowledged messages, by delivery tag.
+KOMBU_UNACKED_HASH = "unacked"
 
 
 def queue_for(model: str) -> str:
@@ -37,3 +41,47 @@ def blob_key(blob_ref: str) -> str:
 
 def idempotency_key(model: str, key: str) -> str:
     return f"{PREFIX}:idem:{model}:{key}"
+
+
+def done_channel() -> str:
+    """Pub/sub channel on which every job that reaches a final state is announced (the message is its id)."""
+    return f"{PREFIX}:done"
+
+
+def leases_key() -> str:
+    """Sorted set of running jobs, scored by the time their lease lapses (epoch seconds)."""
+    return f"{PREFIX}:leases"
+
+
+def queued_key() -> str:
+    """Sorted set of queued jobs, scored by their queue deadline: past it, a job that has not started expires."""
+    return f"{PREFIX}:queued"
+
+
+def published_key() -> str:
+    """Sorted set of queued jobs, scored by when their message was last published (to find lost messages)."""
+    return f"{PREFIX}:published"
+
+
+def retries_key() -> str:
+    """Sorted set of jobs waiting to be published again, scored by when their backoff ends."""
+    return f"{PREFIX}:retries"
+
+
+def dead_letter_key() -> str:
+    """Sorted set of jobs that used up their attempts, scored by when they were dead-lettered."""
+    return f"{PREFIX}:dead-letter"
+
+
+def callbacks_key() -> str:
+    """Sorted set of jobs whose callback is owed, scored by when the next delivery attempt is due."""
+    return f"{PREFIX}:callbacks"
+
+
+def consumers_key(queue: str) -> str:
+    """Sorted set of worker nodes consuming `queue`, scored by their last heartbeat (epoch seconds)."""
+    return f"{PREFIX}:consumers:{queue}"
+
+
+def reconciler_lock_key() -> str:
+    return f"{PREFIX}:reconciler:lock"

@@ -18,6 +18,8 @@ from protocol.errors import InvalidRequest, UnknownModel
 
 _NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _SHA256_PATTERN = r"^[0-9a-f]{64}$"
+# Past the soft limit a job fails; this much later its process is ended if it is still computing.
+HARD_LIMIT_GRACE_S = 15.0
 Datatype = Literal["FP32", "FP64", "FP16", "INT64", "INT32", "INT16", "INT8", "UINT8", "BOOL"]
 
 
@@ -89,9 +91,15 @@ class ModelSpec(_Frozen):
     output_name: str = "output"
     head: Literal["sigmoid", "softmax", "identity"] = "sigmoid"
     labels: tuple[str, ...] = ()
-    time_limit_s: float = Field(default=60.0, gt=0)
-    max_batch_size: int = Field(default=1, gt=0)
-    batch_wait_ms: float = Field(default=0.0, ge=0)
+    time_limit_s: float = Field(default=60.0, gt=0, description="Soft limit: past it the job fails with `timeout`.")
+    hard_time_limit_s: float | None = Field(
+        default=None, gt=0, description="Past it the worker process is ended; default: the soft limit + 15 s."
+    )
+    max_attempts: int = Field(default=3, ge=1, le=20, description="Attempts before a job is dead-lettered.")
+    max_batch_size: int = Field(default=1, gt=0, description="Most rows (images, or tensor rows) in one forward pass.")
+    batch_wait_ms: float = Field(default=0.0, ge=0, description="Longest wait for more jobs after a batch's first.")
+    precision: Literal["fp32", "fp16", "bf16"] = Field(default="fp32", description="On a GPU: the compute precision.")
+    channels_last: bool = Field(default=False, description="On a GPU: channels-last memory format for conv nets.")
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -99,6 +107,8 @@ class ModelSpec(_Frozen):
             raise ValueError(f"model name {self.name!r} must be lowercase letters, digits, '-' or '_'")
         if self.format == "safetensors" and self.architecture is None:
             raise ValueError(f"model {self.name!r}: safetensors weights need an [architecture]")
+        if self.hard_time_limit_s is not None and self.hard_time_limit_s <= self.time_limit_s:
+            raise ValueError(f"model {self.name!r}: hard_time_limit_s must exceed time_limit_s")
         if self.input.kind == "image" and not self.labels:
             raise ValueError(f"model {self.name!r}: an image model needs labels for its findings")
         return self
@@ -106,6 +116,10 @@ class ModelSpec(_Frozen):
     @property
     def queue_name(self) -> str:
         return self.queue or self.name
+
+    @property
+    def hard_limit_s(self) -> float:
+        return self.hard_time_limit_s or self.time_limit_s + HARD_LIMIT_GRACE_S
 
     def metadata(self) -> dict[str, Any]:
         """What the API lists and every result repeats about the model."""
@@ -119,6 +133,8 @@ class ModelSpec(_Frozen):
             "input": self.input.model_dump(),
             "labels": list(self.labels),
             "time_limit_s": self.time_limit_s,
+            "max_batch_size": self.max_batch_size,
+            "max_attempts": self.max_attempts,
         }
 
 

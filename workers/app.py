@@ -1,7 +1,9 @@
-"""The worker's Celery app: `celery -A workers.app worker -Q chest-xray` (or `inferq worker`).
+"""The worker's Celery app: `celery -A workers.app worker -Q chest-xray` (or `inferq worker`, which starts one such
+node per usable CPU).
 
-The parent process picks the models of the queues it consumes and checks their weights; each child process
-loads and warms them before it takes a job.
+A node picks the models of the queues it consumes, checks their weights, loads and warms them, and starts its
+batchers and lease keeper before it takes a job. Its pool is threads: one thread per job it holds, so that jobs
+that are there at the same time can share a forward pass.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from os import EX_CONFIG
 from typing import Any
 
 from celery.concurrency.prefork import TaskPool as PreforkPool
-from celery.signals import celeryd_after_setup, worker_process_init
+from celery.signals import celeryd_after_setup, worker_process_init, worker_shutdown
 
 from config import Settings
+from protocol.callbacks import register_callback_task
 from protocol.celery_config import build_celery
 from protocol.errors import InferqError
+from protocol.keys import CALLBACK_QUEUE, CALLBACK_TASK
 from protocol.registry import load_registry
 from workers.runtime import WorkerRuntime, require_cuda
 from workers.tasks import register_tasks
@@ -28,6 +32,15 @@ registry = load_registry(settings.registry_path)
 app = build_celery(settings, registry)
 runtime = WorkerRuntime(settings, registry)
 register_tasks(app, registry, lambda: runtime)
+register_callback_task(app, settings)
+runtime.send_callback = lambda job_id: _send_callback(job_id)
+
+
+def _send_callback(job_id: str) -> None:
+    try:
+        app.send_task(CALLBACK_TASK, args=[job_id], queue=CALLBACK_QUEUE)
+    except Exception as e:  # the reconciler hands the callback out once its grace has passed
+        log.warning("job %s: callback not queued now (%s)", job_id, type(e).__name__)
 
 
 @celeryd_after_setup.connect
@@ -40,7 +53,7 @@ def _prepare(sender: str, instance: Any, **_: Any) -> None:
         runtime.prepare_weights()
         pool = instance.pool_cls
         if not (isinstance(pool, type) and issubclass(pool, PreforkPool)):
-            runtime.start()
+            runtime.start(node=sender)
     except InferqError as e:
         # A worker that cannot serve its models must not take their jobs: stop with the reason. Celery turns a
         # SystemExit raised here into the worker's exit status, and drops its message, so say it first.
@@ -51,3 +64,8 @@ def _prepare(sender: str, instance: Any, **_: Any) -> None:
 @worker_process_init.connect
 def _load_models(**_: Any) -> None:
     runtime.start()
+
+
+@worker_shutdown.connect
+def _stop(**_: Any) -> None:
+    runtime.stop()

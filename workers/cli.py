@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
+from os import EX_CONFIG
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +12,15 @@ import click
 import torch
 
 from config import Settings
+from protocol.celery_config import default_slots
 from protocol.codec import TensorPayload
 from protocol.errors import InferqError, InvalidRequest, ModelLoadError
 from protocol.intake import FileUpload, TensorUpload, validate_input
 from protocol.registry import ModelSpec, load_registry
 from workers.inference import load_runner
+from workers.layout import default_processes, usable_cpus
+from workers.runtime import require_cuda
+from workers.supervisor import Supervisor, node_specs
 from workers.weights import ensure_generated_weights
 
 
@@ -28,23 +32,40 @@ def _selected_models(settings: Settings, pool: str, models: list[str] | None) ->
     return specs
 
 
-def run_worker(*, pool: str, models: list[str] | None, concurrency: int | None, loglevel: str) -> None:
-    """Start a Celery worker on the models' queues: the same as `celery -A workers.app worker -Q ...`."""
+def run_worker(
+    *,
+    pool: str,
+    models: list[str] | None,
+    processes: int | None,
+    threads: int | None,
+    gpus: list[str] | None,
+    loglevel: str,
+) -> int:
+    """Run one Celery node per usable CPU (or per GPU) on the models' queues, until SIGTERM; the exit status."""
     settings = Settings()
     try:
         specs = _selected_models(settings, pool, models)
+        if pool == "gpu":
+            require_cuda()
     except InferqError as e:
-        raise click.ClickException(e.message) from e
-    # workers.app builds its settings at import: hand the pool's choices down through its environment. Its start-up
-    # hook then checks for CUDA (in a subprocess) before any fork, for this form and the plain `celery` one alike.
-    os.environ["INFERQ_DEVICE"] = "cuda" if pool == "gpu" else "cpu"
-    processes = concurrency or settings.worker_concurrency
-    os.environ["INFERQ_WORKER_CONCURRENCY"] = str(processes)
-    queues = ",".join(spec.queue_name for spec in specs)
-    argv = ["worker", "-Q", queues, "-n", f"inferq-{pool}-{os.getpid()}@%h", "-c", str(processes), "-l", loglevel]
-    # Become the plain Celery command: one code path for both forms, and its exit status (a worker that refused
-    # to start exits non-zero) and signals reach the caller unchanged.
-    os.execv(sys.executable, [sys.executable, "-m", "celery", "-A", "workers.app", *argv])  # noqa: S606
+        # Say why and exit non-zero, as the plain `celery -A workers.app worker` form does.
+        print(f"inferq worker cannot start: {e.message}", file=sys.stderr, flush=True)
+        return EX_CONFIG
+    torch_threads = threads or settings.torch_threads or 1
+    count = processes or settings.worker_processes or default_processes(threads_per_process=torch_threads)
+    if pool == "gpu" and not gpus:
+        gpus = ["0"]
+    nodes = node_specs(
+        pool=pool,
+        queues=[spec.queue_name for spec in specs],
+        processes=count,
+        torch_threads=torch_threads,
+        slots=settings.worker_slots or default_slots(specs),
+        loglevel=loglevel,
+        gpus=gpus,
+    )
+    print(f"inferq worker: {len(nodes)} node(s) x {torch_threads} torch thread(s) on {usable_cpus()} usable CPU(s)")
+    return Supervisor(nodes).run()
 
 
 def _upload_of(spec: ModelSpec, path: Path) -> FileUpload | TensorUpload:

@@ -17,6 +17,7 @@ from protocol.registry import ImageInput, ModelSpec
 from workers.imaging import preprocess
 from workers.weights import load_model
 
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 UNTRAINED_WARNING = "untrained weights: these numbers carry no medical or financial meaning"
 
 
@@ -32,11 +33,21 @@ class ModelRunner:
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """Post-head outputs (probabilities for sigmoid/softmax heads), shape (N, outputs), float32."""
         with torch.inference_mode():
-            logits = self._module(torch.from_numpy(np.ascontiguousarray(batch)).to(self._device))
+            logits = self._module(self._to_device(batch))
             if not isinstance(logits, torch.Tensor):
                 raise InferenceError(f"model {self.spec.name!r} returned {type(logits).__name__}, not a tensor")
             outputs = _apply_head(self.spec.head, logits.float()).cpu().numpy()
         return _checked_outputs(self.spec, batch, outputs)
+
+    def _to_device(self, batch: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(batch))
+        if self._device.type != "cuda":
+            return tensor
+        # Pinned host memory lets the copy run asynchronously with the host's next work.
+        tensor = tensor.pin_memory().to(self._device, non_blocking=True)
+        if self.spec.channels_last and tensor.ndim == 4:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        return tensor.to(_DTYPES[self.spec.precision]) if self.spec.precision != "fp32" else tensor
 
     def warm_up(self) -> None:
         """One pass on zeros, so the first real job does not pay for lazy initialisation."""
@@ -44,13 +55,14 @@ class ModelRunner:
 
     def run(self, blob: bytes) -> dict[str, Any]:
         """The job's result for its stored input."""
-        batch, info = self._decode(blob)
+        rows, info = self.prepare(blob)
+        batch = rows[np.newaxis] if isinstance(self.spec.input, ImageInput) else rows
         return build_result(self.spec, self.infer(batch), info)
 
-    def _decode(self, blob: bytes) -> tuple[np.ndarray, ImageInfo | None]:
+    def prepare(self, blob: bytes) -> tuple[np.ndarray, ImageInfo | None]:
+        """The model's input for one job: (C, H, W) for an image model, (rows, ...) for a tensor model."""
         if isinstance(self.spec.input, ImageInput):
-            tensor, info = preprocess(blob, self.spec.input, max_image_pixels=self._max_image_pixels)
-            return tensor[np.newaxis], info
+            return preprocess(blob, self.spec.input, max_image_pixels=self._max_image_pixels)
         return tensor_from_bytes(blob, self.spec.input).astype(np.float32, copy=False), None
 
 
@@ -96,4 +108,10 @@ def build_result(spec: ModelSpec, outputs: np.ndarray, info: ImageInfo | None) -
 
 def load_runner(spec: ModelSpec, settings: Settings, device: torch.device) -> ModelRunner:
     module = load_model(spec, settings, device)
+    if device.type == "cuda":
+        # Precision and memory format are the registry's per-model choice, and only pay off on a GPU.
+        if spec.precision != "fp32":
+            module = module.to(_DTYPES[spec.precision])
+        if spec.channels_last:
+            module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return ModelRunner(spec, module, device, max_image_pixels=settings.max_image_pixels)

@@ -1,23 +1,32 @@
-"""What one worker process holds: its settings, stores and loaded models, built once per process.
+"""What one worker process holds: its settings, stores, loaded models, batchers and leases, built once per process.
 
-Models are chosen in the parent (from the queues it consumes) and loaded in each child after the fork, so no
-CUDA context is ever created before a fork.
+Models are chosen from the queues the process consumes and loaded before it takes a job; a GPU process is a fresh
+interpreter started by the supervisor (never a fork of one that touched CUDA).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
+import socket
 import subprocess
 import sys
+from collections.abc import Callable
 
+import redis
 import torch
 
 from config import Settings
-from protocol.connections import Stores, open_stores
+from protocol.connections import Stores, open_stores, redis_client
 from protocol.errors import ModelLoadError
+from protocol.jobs import Claim
+from protocol.keys import blob_key
 from protocol.registry import ModelSpec, Registry
+from workers.batcher import DynamicBatcher
 from workers.inference import ModelRunner, load_runner
+from workers.layout import usable_cpus
+from workers.leases import LeaseKeeper
 from workers.weights import ensure_generated_weights
 
 log = logging.getLogger(__name__)
@@ -33,56 +42,109 @@ def require_cuda() -> None:
         raise ModelLoadError("the gpu pool needs a CUDA device, and torch finds none on this host")
 
 
+def retry_backoff_s(settings: Settings, attempt: int) -> float:
+    """Exponential backoff with full jitter's gentler cousin: the doubled delay times a factor in [0.5, 1.5)."""
+    base_s = min(settings.retry_backoff_max_s, settings.retry_backoff_s * 2 ** max(0, attempt - 1))
+    return float(base_s * (0.5 + random.random()))  # noqa: S311 - jitter, not security
+
+
 class WorkerRuntime:
-    """Per-process state of a worker; `start` runs once in each process that takes jobs."""
+    """Per-process state of a worker; `start` runs once in the process that takes jobs."""
 
     def __init__(self, settings: Settings, registry: Registry) -> None:
         self.settings = settings
         self.registry = registry
         self.selected: list[ModelSpec] = list(registry.values())
+        self.node = f"{socket.gethostname()}-{os.getpid()}"
+        self.send_callback: Callable[[str], None] = lambda job_id: None
         self._runners: dict[str, ModelRunner] = {}
+        self._batchers: dict[str, DynamicBatcher] = {}
         self._stores: Stores | None = None
+        self._bytes: redis.Redis | None = None
+        self.leases: LeaseKeeper | None = None
 
     def select(self, specs: list[ModelSpec]) -> None:
         self.selected = specs
 
     def prepare_weights(self) -> None:
-        """Generate (where the repo makes them) and verify every selected model's weights, before any fork."""
+        """Generate (where the repo makes them) and verify every selected model's weights."""
         for spec in self.selected:
             ensure_generated_weights(spec, self.settings)
 
-    def start(self) -> None:
-        """Open the stores and load and warm every selected model, before this process takes a job."""
-        self._configure_threads()
-        self._stores = self._open_stores()
+    def start(self, node: str | None = None) -> None:
+        """Open the stores, load and warm every selected model, start the batchers and the lease keeper."""
+        self.node = node or self.node
+        torch.set_num_threads(self.torch_threads())
         for spec in self.selected:
             self._runners[spec.name] = self._load(spec)
-        log.info("worker process %d ready with models %s", os.getpid(), ", ".join(self._runners) or "none")
+            self._batchers[spec.name] = self._batcher(spec)
+        self.leases = LeaseKeeper(
+            self.stores.jobs,
+            node=self.node,
+            queues=[spec.queue_name for spec in self.selected],
+            lease_s=self.settings.lease_s,
+            on_timeout=lambda job_id: self.send_callback(job_id),
+        )
+        self.leases.start()
+        log.info(
+            "worker process %d ready: models %s, %d torch thread(s)",
+            os.getpid(),
+            ", ".join(self._runners) or "none",
+            torch.get_num_threads(),
+        )
+
+    def stop(self) -> None:
+        for batcher in self._batchers.values():
+            batcher.stop()
+        if self.leases is not None:
+            self.leases.stop()
 
     @property
     def stores(self) -> Stores:
         if self._stores is None:
-            self._stores = self._open_stores()
+            s = self.settings
+            self._stores = open_stores(s.redis_url_or_default, queued_ttl_s=s.queued_ttl_s, result_ttl_s=s.result_ttl_s)
         return self._stores
 
+    def claim(self, job_id: str, blob_ref: str) -> tuple[Claim, bytes | None]:
+        """Claim the job and fetch its upload in one round trip."""
+        if self._bytes is None:
+            self._bytes = redis_client(self.settings.redis_url_or_default, decode=False)
+        pipe = self._bytes.pipeline(transaction=False)
+        self.stores.jobs.claim(job_id, node=self.node, pid=os.getpid(), lease_s=self.settings.lease_s, client=pipe)
+        pipe.get(blob_key(blob_ref))
+        reply, blob = pipe.execute()
+        return self.stores.jobs.claim_result(reply), blob
+
     def runner(self, model: str) -> ModelRunner:
-        """The loaded model; loads it here if this process was not started through a pool (solo, threads)."""
         if model not in self._runners:
             self._runners[model] = self._load(self.registry.get_model(model))
         return self._runners[model]
 
+    def batcher(self, model: str) -> DynamicBatcher:
+        if model not in self._batchers:
+            self._batchers[model] = self._batcher(self.registry.get_model(model))
+        return self._batchers[model]
+
     def device(self) -> torch.device:
         return torch.device("cuda" if self.settings.device == "cuda" else "cpu")
+
+    def torch_threads(self) -> int:
+        """Per process: as set, else the usable CPUs shared out among the host's worker processes."""
+        processes = self.settings.worker_processes or 1
+        return self.settings.torch_threads or max(1, usable_cpus() // processes)
+
+    def _batcher(self, spec: ModelSpec) -> DynamicBatcher:
+        runner = self.runner(spec.name)
+        return DynamicBatcher(
+            name=spec.name,
+            run_batch=runner.infer,
+            gate=self.stores.jobs.begin,
+            max_batch_size=spec.max_batch_size,
+            batch_wait_ms=spec.batch_wait_ms,
+        )
 
     def _load(self, spec: ModelSpec) -> ModelRunner:
         runner = load_runner(spec, self.settings, self.device())
         runner.warm_up()
         return runner
-
-    def _open_stores(self) -> Stores:
-        s = self.settings
-        return open_stores(s.redis_url_or_default, queued_ttl_s=s.queued_ttl_s, result_ttl_s=s.result_ttl_s)
-
-    def _configure_threads(self) -> None:
-        threads = self.settings.torch_threads or max(1, (os.cpu_count() or 1) // self.settings.worker_concurrency)
-        torch.set_num_threads(threads)

@@ -1,4 +1,10 @@
-"""The Celery tasks: one per model, named after it, thin. decode → run → store lives in `execute_job`."""
+"""The Celery tasks: one per model, named after it, thin. claim → decode → batch → record lives in `execute_job`.
+
+A task never raises into Celery: every outcome is written to the job record (or, when the record cannot be
+reached, left to the lease to lapse so that the reconciler runs the job again). Celery's own retry and result
+backend are not used: the job record is the source of truth, and a retry is a fresh publish by the reconciler
+once the backoff has passed.
+"""
 
 from __future__ import annotations
 
@@ -7,67 +13,126 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import redis
 from celery import Celery
-from celery.exceptions import SoftTimeLimitExceeded
 
-from protocol.celery_config import HARD_LIMIT_GRACE_S
-from protocol.errors import BackendUnavailable, InferqError, TimeLimitExceeded, error_payload
+from protocol.errors import BackendUnavailable, BlobMissing, InferenceError, InferqError
+from protocol.jobs import Claim, JobStatus, Outcome
 from protocol.keys import task_name_for
 from protocol.registry import ModelSpec, Registry
-from workers.runtime import WorkerRuntime
+from workers.batcher import BatchOutput, Fenced
+from workers.inference import build_result
+from workers.runtime import WorkerRuntime, retry_backoff_s
 
 log = logging.getLogger(__name__)
 
-_EXPIRED_ERROR = {"code": "expired", "message": "the job waited longer than queued_ttl_s", "retryable": True}
-# Redis hiccups are retried by Celery with backoff; the job record stays `running` and is claimed again.
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, BackendUnavailable)
-_MAX_RETRIES = 5
 
 
 def execute_job(runtime: WorkerRuntime, model: str, job_id: str, blob_ref: str) -> dict[str, Any]:
-    """Run one job and record its outcome. Never raises for a bad input or a failing model: the job fails."""
-    jobs = runtime.stores.jobs
-    claim = jobs.claim(job_id, _EXPIRED_ERROR)
-    if claim != "claimed":
-        # Cancelled, expired, already finished (a redelivered message) or unknown: nothing to run.
-        log.info("job %s not run: %s", job_id, claim)
-        return {"job_id": job_id, "status": claim}
+    """Run one attempt of a job and record its outcome; returns a summary for Celery's logs and Flower."""
     try:
-        result = runtime.runner(model).run(runtime.stores.blobs.get(blob_ref))
-    except _TRANSIENT:
-        raise
-    except SoftTimeLimitExceeded:
-        limit_s = runtime.registry.get_model(model).time_limit_s
-        return _failed(runtime, job_id, blob_ref, TimeLimitExceeded(f"the job ran past {limit_s} s"))
+        claim, blob = runtime.claim(job_id, blob_ref)
+    except _TRANSIENT as e:
+        # The record is out of reach: the message is acknowledged, the job stays where it was, and the reconciler
+        # publishes it again (a queued job whose message is gone, or a running one whose lease lapses).
+        log.warning("job %s: job store unreachable at claim (%s)", job_id, type(e).__name__)
+        return {"job_id": job_id, "status": "unreachable"}
+    if not claim.claimed:
+        # Cancelled, expired, finished (a redelivered message), held by a live attempt, or unknown: nothing to run.
+        log.info("job %s not run: %s", job_id, claim.outcome)
+        return {"job_id": job_id, "status": claim.outcome}
+    spec = runtime.registry.get_model(model)
+    keeper = runtime.leases
+    if keeper is not None:
+        keeper.hold(job_id, claim.token, model, soft_limit_s=spec.time_limit_s, hard_limit_s=spec.hard_limit_s)
+    try:
+        return _attempt(runtime, spec, job_id, claim, blob)
+    finally:
+        if keeper is not None:
+            keeper.drop(job_id)
+
+
+def _attempt(runtime: WorkerRuntime, spec: ModelSpec, job_id: str, claim: Claim, blob: bytes | None) -> dict[str, Any]:
+    try:
+        status, payload, batch_jobs = _compute(runtime, spec, job_id, claim, blob)
+    except Fenced:
+        log.info("job %s: attempt %d was fenced off (cancelled, timed out or taken over)", job_id, claim.token)
+        return {"job_id": job_id, "status": "fenced"}
+    except _TRANSIENT as e:
+        return _release(runtime, job_id, claim, e)
+    outcome = Outcome(
+        job_id,
+        claim.token,
+        status,
+        result=payload if status == JobStatus.SUCCEEDED else None,
+        error=payload if status == JobStatus.FAILED else None,
+        batch_size=batch_jobs,
+    )
+    try:
+        [reply] = runtime.stores.jobs.finish([outcome])
+    except _TRANSIENT as e:
+        log.warning("job %s: could not record its outcome (%s); it will run again", job_id, type(e).__name__)
+        return {"job_id": job_id, "status": "unrecorded"}
+    if reply == "ok:callback":
+        runtime.send_callback(job_id)
+    if not reply.startswith("ok"):
+        log.warning("job %s: outcome of attempt %d not recorded: %s", job_id, claim.token, reply)
+    return {"job_id": job_id, "status": status.value, "batch_size": batch_jobs}
+
+
+def _compute(
+    runtime: WorkerRuntime, spec: ModelSpec, job_id: str, claim: Claim, blob: bytes | None
+) -> tuple[JobStatus, dict[str, Any], int]:
+    """Decode here, run through the model's batcher; a bad input or a failing model fails only this job."""
+    batcher = runtime.batcher(spec.name)
+    batcher.expect()
+    try:
+        if blob is None:
+            raise BlobMissing("the upload of this job is no longer stored")
+        rows, info = runtime.runner(spec.name).prepare(blob)
     except Exception as e:
-        return _failed(runtime, job_id, blob_ref, e)
-    jobs.succeed(job_id, blob_ref, result)
-    return {"job_id": job_id, "status": "succeeded"}
+        batcher.unexpect()
+        return _failure(job_id, e)
+    # A job that already ended its worker once runs alone, so that it cannot take a batch of others down with it.
+    future = batcher.submit(job_id, claim.token, _with_batch_axis(spec, rows), isolate=claim.lost > 0)
+    try:
+        output: BatchOutput = future.result()
+    except (Fenced, *_TRANSIENT):
+        raise
+    except Exception as e:
+        return _failure(job_id, e)
+    return JobStatus.SUCCEEDED, build_result(spec, output.rows, info), output.batch_jobs
 
 
-def _failed(runtime: WorkerRuntime, job_id: str, blob_ref: str, exc: BaseException) -> dict[str, Any]:
-    error = error_payload(exc)
-    if not isinstance(exc, InferqError):
-        # Messages of third-party exceptions may quote file contents: log the type and the frames only.
-        frames = "".join(traceback.format_tb(exc.__traceback__))
-        log.error("job %s failed with unexpected %s\n%s", job_id, type(exc).__name__, frames)
-    else:
-        log.info("job %s failed: %s", job_id, error["code"])
-    runtime.stores.jobs.fail(job_id, blob_ref, error)
-    return {"job_id": job_id, "status": "failed", "code": error["code"]}
+def _with_batch_axis(spec: ModelSpec, rows: np.ndarray) -> np.ndarray:
+    return rows[np.newaxis] if spec.input.kind == "image" else rows
+
+
+def _failure(job_id: str, exc: BaseException) -> tuple[JobStatus, dict[str, Any], int]:
+    if isinstance(exc, InferqError):
+        log.info("job %s failed: %s", job_id, exc.code)
+        return JobStatus.FAILED, exc.to_dict(), 0
+    # Messages of third-party exceptions may quote file contents: log the type and the frames only.
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    log.error("job %s failed with unexpected %s\n%s", job_id, type(exc).__name__, frames)
+    return JobStatus.FAILED, InferenceError("the model could not process this input").to_dict(), 0
+
+
+def _release(runtime: WorkerRuntime, job_id: str, claim: Claim, exc: BaseException) -> dict[str, Any]:
+    error = BackendUnavailable(f"a transient failure ({type(exc).__name__}); the job will run again").to_dict()
+    try:
+        backoff_s = retry_backoff_s(runtime.settings, claim.token)
+        outcome = runtime.stores.jobs.release(job_id, claim.token, backoff_s=backoff_s, error=error)
+    except _TRANSIENT:
+        outcome = "unreachable"  # the lease will lapse and the reconciler will take it from there
+    log.warning("job %s: transient %s on attempt %d: %s", job_id, type(exc).__name__, claim.token, outcome)
+    return {"job_id": job_id, "status": "retrying", "outcome": outcome}
 
 
 def _make_task(app: Celery, spec: ModelSpec, runtime: Callable[[], WorkerRuntime]) -> None:
-    @app.task(
-        name=task_name_for(spec.name),
-        soft_time_limit=spec.time_limit_s,
-        time_limit=spec.time_limit_s + HARD_LIMIT_GRACE_S,
-        autoretry_for=_TRANSIENT,
-        retry_backoff=True,
-        retry_backoff_max=60,
-        max_retries=_MAX_RETRIES,
-    )
+    @app.task(name=task_name_for(spec.name), ignore_result=True)
     def infer(job_id: str, blob_ref: str) -> dict[str, Any]:
         return execute_job(runtime(), spec.name, job_id, blob_ref)
 
@@ -75,3 +140,6 @@ def _make_task(app: Celery, spec: ModelSpec, runtime: Callable[[], WorkerRuntime
 def register_tasks(app: Celery, registry: Registry, runtime: Callable[[], WorkerRuntime]) -> None:
     for spec in registry.values():
         _make_task(app, spec, runtime)
+
+
+__all__ = ["execute_job", "register_tasks"]

@@ -19,12 +19,12 @@ def test_defaults_bind_to_loopback_and_use_a_local_redis(monkeypatch: pytest.Mon
 
 def test_the_settings_file_is_read_and_the_environment_wins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     settings_file = tmp_path / "inferq.toml"
-    settings_file.write_text('redis_url = "redis://:secret@db:6379/2"\nresult_ttl_s = 60\napi_port = 9000\n')
+    settings_file.write_text('redis_url = "redis://:pw-4711@db:6379/2"\nresult_ttl_s = 60\napi_port = 9000\n')
     monkeypatch.setenv("INFERQ_SETTINGS_FILE", str(settings_file))
     monkeypatch.setenv("INFERQ_API_PORT", "9100")
     settings = Settings()
-    assert settings.redis_url_or_default == "redis://:secret@db:6379/2"
-    assert "secret" not in repr(settings)  # the password never reaches a log through the settings
+    assert settings.redis_url_or_default == "redis://:pw-4711@db:6379/2"
+    assert "pw-4711" not in repr(settings)  # the password never reaches a log through the settings
     assert settings.result_ttl_s == 60 and settings.api_port == 9100
 
 

@@ -1,4 +1,4 @@
-"""The job record's state machine, against a real Redis."""
+"""The job record's state machine, leases and fencing, against a real Redis."""
 
 from __future__ import annotations
 
@@ -8,115 +8,227 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from protocol.blobs import RedisBlobStore
-from protocol.connections import open_stores
+from protocol.connections import Stores, open_stores
 from protocol.errors import BlobMissing, JobNotCancellable, UnknownJob
-from protocol.jobs import JobStore, new_job_id
-from protocol.keys import blob_key, job_key
-
-EXPIRED = {"code": "expired", "message": "late", "retryable": True}
+from protocol.jobs import Claim, JobStatus, JobStore, Outcome, new_job_id
+from protocol.keys import blob_key, callbacks_key, dead_letter_key, job_key, leases_key, queued_key, retries_key
 
 
 @pytest.fixture
-def store(redis_url: str) -> Iterator[JobStore]:
+def stores(redis_url: str) -> Iterator[Stores]:
     stores = open_stores(redis_url, queued_ttl_s=3600, result_ttl_s=60)
-    yield stores.jobs
+    yield stores
     stores.text.close()
 
 
-def _create(store: JobStore, **extra: str) -> str:
+@pytest.fixture
+def store(stores: Stores) -> JobStore:
+    return stores.jobs
+
+
+def _create(stores: Stores, *, max_attempts: int = 3, **extra: str) -> str:
     job_id = new_job_id()
-    fields = {"model": "fraud", "model_version": "1", "blob_ref": "b1", **extra}
-    assert store.create(job_id, fields) == job_id
+    blob_ref = stores.blobs.put(b"pixels", ttl_s=3600)
+    fields = {"model": "fraud", "model_version": "1", "blob_ref": blob_ref, "max_attempts": str(max_attempts), **extra}
+    assert stores.jobs.create(job_id, fields) == job_id
     return job_id
 
 
-def test_a_new_job_is_queued_with_a_server_timestamp(store: JobStore) -> None:
-    job_id = _create(store)
-    view = store.view(job_id)
+def _claim(store: JobStore, job_id: str, *, lease_s: float = 30.0, node: str = "n1") -> Claim:
+    return store.claim_result(store.claim(job_id, node=node, pid=1, lease_s=lease_s))
+
+
+def _succeed(store: JobStore, job_id: str, token: int, result: dict[str, object] | None = None) -> str:
+    [reply] = store.finish([Outcome(job_id, token, JobStatus.SUCCEEDED, result=result or {"score": 0.5})])
+    return reply
+
+
+def test_a_new_job_is_queued_with_a_server_timestamp(stores: Stores) -> None:
+    job_id = _create(stores)
+    view = stores.jobs.view(job_id)
     assert view["status"] == "queued"
     assert view["model"] == "fraud" and view["model_version"] == "1"
     assert view["submitted_at"].endswith("Z") and view["started_at"] is None
     assert view["attempts"] == 0 and view["result"] is None and view["error"] is None
+    assert stores.text.zscore(queued_key(), job_id) is not None
 
 
-def test_claim_then_succeed_records_the_result_and_sets_the_result_ttl(store: JobStore, redis_url: str) -> None:
-    job_id = _create(store)
-    assert store.claim(job_id, EXPIRED) == "claimed"
-    assert store.view(job_id)["status"] == "running"
-    assert store.succeed(job_id, "b1", {"score": 0.5}) == "ok"
-    view = store.view(job_id)
+def test_claim_then_succeed_records_the_result_drops_the_blob_and_announces_it(stores: Stores, redis_url: str) -> None:
+    job_id = _create(stores)
+    blob_ref = stores.jobs.fields(job_id)["blob_ref"]
+    listener = redis.Redis.from_url(redis_url).pubsub()
+    listener.subscribe("inferq:done")
+    claim = _claim(stores.jobs, job_id)
+    assert claim == Claim("claimed", 1, 0)
+    assert stores.jobs.view(job_id)["status"] == "running"
+    assert stores.text.zscore(leases_key(), job_id) is not None
+    assert _succeed(stores.jobs, job_id, claim.token) == "ok"
+    view = stores.jobs.view(job_id)
     assert view["status"] == "succeeded" and view["result"] == {"score": 0.5}
     assert view["attempts"] == 1 and view["finished_at"] is not None
-    ttl = redis.Redis.from_url(redis_url).ttl(job_key(job_id))
-    assert 0 < ttl <= 60
+    assert 0 < redis.Redis.from_url(redis_url).ttl(job_key(job_id)) <= 60
+    with pytest.raises(BlobMissing):
+        stores.blobs.get(blob_ref)
+    assert stores.text.zscore(leases_key(), job_id) is None
+    messages = [listener.get_message(timeout=1.0) for _ in range(2)]
+    assert any(m and m["data"] == job_id.encode() for m in messages)
+    listener.close()
 
 
-def test_a_finished_job_is_never_claimed_again(store: JobStore) -> None:
-    job_id = _create(store)
-    store.claim(job_id, EXPIRED)
-    store.fail(job_id, "b1", {"code": "invalid_image", "message": "bad", "retryable": False})
-    assert store.claim(job_id, EXPIRED) == "failed"
-    assert store.succeed(job_id, "b1", {"x": 1}) == "failed"
+def test_a_finished_job_is_never_claimed_again(store: JobStore, stores: Stores) -> None:
+    job_id = _create(stores)
+    token = _claim(store, job_id).token
+    store.finish([Outcome(job_id, token, JobStatus.FAILED, error={"code": "invalid_image", "message": "bad"})])
+    assert _claim(store, job_id).outcome == "failed"
+    assert _succeed(store, job_id, token) == "fenced"
     assert store.view(job_id)["error"]["code"] == "invalid_image"
 
 
-def test_a_redelivered_running_job_is_claimed_again_and_counted(store: JobStore) -> None:
-    job_id = _create(store)
-    store.claim(job_id, EXPIRED)
-    assert store.claim(job_id, EXPIRED) == "claimed"
-    assert store.view(job_id)["attempts"] == 2
+def test_a_live_lease_fences_off_a_second_claim(store: JobStore, stores: Stores) -> None:
+    # Given a running attempt whose lease is live, a redelivered message must not start a second attempt
+    job_id = _create(stores)
+    first = _claim(store, job_id)
+    assert _claim(store, job_id, node="n2").outcome == "leased"
+    assert store.view(job_id)["attempts"] == 1
+    assert _succeed(store, job_id, first.token) == "ok"
 
 
-def test_cancel_stops_a_queued_job_and_the_worker_then_skips_it(store: JobStore) -> None:
-    job_id = _create(store)
+def test_after_a_lease_lapses_only_the_new_attempt_may_write(store: JobStore, stores: Stores) -> None:
+    job_id = _create(stores)
+    old = _claim(store, job_id, lease_s=1)
+    time.sleep(1.1)
+    new = _claim(store, job_id, node="n2")
+    assert new.claimed and new.token == 2 and new.lost == 1
+    # The old attempt, still computing somewhere, can neither renew, begin nor write its result.
+    assert store.renew([(job_id, old.token)], lease_s=30) == [False]
+    assert store.begin([(job_id, old.token)]) == [False]
+    assert _succeed(store, job_id, old.token, {"by": "old"}) == "fenced"
+    assert _succeed(store, job_id, new.token, {"by": "new"}) == "ok"
+    assert store.view(job_id)["result"] == {"by": "new"}
+
+
+def test_renewing_keeps_a_lease_alive(store: JobStore, stores: Stores) -> None:
+    job_id = _create(stores)
+    claim = _claim(store, job_id, lease_s=1)
+    for _ in range(3):
+        time.sleep(0.5)
+        assert store.renew([(job_id, claim.token)], lease_s=1) == [True]
+    assert _claim(store, job_id, node="n2").outcome == "leased"
+
+
+def test_cancel_stops_a_queued_job_and_the_worker_then_skips_it(store: JobStore, stores: Stores) -> None:
+    job_id = _create(stores)
     store.cancel(job_id)
     store.cancel(job_id)  # a second cancel is a no-op
     assert store.view(job_id)["status"] == "cancelled"
-    assert store.claim(job_id, EXPIRED) == "cancelled"
+    assert _claim(store, job_id).outcome == "cancelled"
 
 
-def test_a_running_job_cannot_be_cancelled(store: JobStore) -> None:
-    job_id = _create(store)
-    store.claim(job_id, EXPIRED)
+def test_a_claimed_job_waiting_for_its_batch_can_be_cancelled_and_is_then_fenced(store: JobStore, stores: Stores) -> None:
+    job_id = _create(stores)
+    claim = _claim(store, job_id)
+    store.cancel(job_id)
+    assert store.view(job_id)["status"] == "cancelled"
+    assert store.begin([(job_id, claim.token)]) == [False]
+    assert _succeed(store, job_id, claim.token) == "fenced"
+
+
+def test_a_computing_job_cannot_be_cancelled(store: JobStore, stores: Stores) -> None:
+    job_id = _create(stores)
+    claim = _claim(store, job_id)
+    assert store.begin([(job_id, claim.token)]) == [True]
     with pytest.raises(JobNotCancellable):
         store.cancel(job_id)
 
 
-def test_a_job_claimed_after_its_queue_ttl_expires(redis_url: str) -> None:
-    stores = open_stores(redis_url, queued_ttl_s=1, result_ttl_s=60)
+def test_a_queued_job_reads_expired_after_its_deadline_with_no_worker(redis_url: str) -> None:
+    stores = open_stores(redis_url, queued_ttl_s=3600, result_ttl_s=60)
     job_id = new_job_id()
-    stores.jobs.create(job_id, {"model": "fraud", "model_version": "1", "blob_ref": "b"})
-    time.sleep(1.2)
-    assert stores.jobs.claim(job_id, EXPIRED) == "expired"
+    stores.jobs.create(job_id, {"model": "fraud", "model_version": "1", "blob_ref": "b"}, queue_s=0.5)
+    time.sleep(0.7)
     view = stores.jobs.view(job_id)
-    assert view["status"] == "expired" and view["error"] == EXPIRED
+    assert view["status"] == "expired" and view["error"]["code"] == "expired"
+    assert stores.jobs.claim_result(stores.jobs.claim(job_id, node="n", pid=1, lease_s=5)).outcome == "expired"
 
 
 def test_unknown_ids_are_unknown(store: JobStore) -> None:
     with pytest.raises(UnknownJob):
         store.view("nope")
-    assert store.claim("nope", EXPIRED) == "missing"
+    with pytest.raises(UnknownJob):
+        store.cancel("nope")
+    assert _claim(store, "nope").outcome == "missing"
 
 
-def test_an_idempotency_key_returns_the_first_job(store: JobStore) -> None:
-    first, second = new_job_id(), new_job_id()
+def test_an_idempotency_key_returns_the_live_job_and_a_new_one_once_it_is_gone(store: JobStore, redis_url: str) -> None:
+    first, second, third = new_job_id(), new_job_id(), new_job_id()
     fields = {"model": "fraud", "model_version": "1", "blob_ref": "b"}
     assert store.create(first, fields, idempotency="order-17") == first
     assert store.create(second, fields, idempotency="order-17") == first
     with pytest.raises(UnknownJob):
         store.view(second)
+    # The record is gone (its TTL ran out) while the key remains: a resubmission makes a new job, never a 404.
+    redis.Redis.from_url(redis_url).delete(job_key(first))
+    assert store.create(third, fields, idempotency="order-17") == third
+    assert store.view(third)["status"] == "queued"
 
 
-def test_blobs_round_trip_and_expire_with_their_job(redis_url: str) -> None:
-    stores = open_stores(redis_url, queued_ttl_s=3600, result_ttl_s=30)
+def test_a_transient_failure_requeues_with_backoff_then_dead_letters(store: JobStore, stores: Stores) -> None:
+    job_id = _create(stores, max_attempts=2)
+    error = {"code": "backend_unavailable", "message": "x", "retryable": True}
+    token = _claim(store, job_id).token
+    assert store.release(job_id, token, backoff_s=0.2, error=error) == "ok"
+    assert store.view(job_id)["status"] == "queued"
+    assert stores.text.zscore(retries_key(), job_id) is not None
+    assert store.due(retries_key()) == []
+    time.sleep(0.3)
+    assert store.due(retries_key()) == [job_id]
+    token = _claim(store, job_id).token
+    assert token == 2
+    assert store.release(job_id, token, backoff_s=0.2, error=error) == "dead"
+    view = store.view(job_id)
+    assert view["status"] == "failed" and view["error"]["code"] == "backend_unavailable"
+    assert store.dead_letters() == [job_id]
+
+
+def test_a_lapsed_lease_is_recovered_then_poison_after_max_attempts(store: JobStore, stores: Stores) -> None:
+    job_id = _create(stores, max_attempts=2)
+    blob_ref = stores.jobs.fields(job_id)["blob_ref"]
+    _claim(store, job_id, lease_s=0.2)
+    assert store.recover(job_id, backoff_s=0) == "live"
+    time.sleep(0.3)
+    assert store.recover(job_id, backoff_s=0) == "requeued"
+    assert store.view(job_id)["status"] == "queued"
+    _claim(store, job_id, lease_s=0.2)
+    time.sleep(0.3)
+    assert store.recover(job_id, backoff_s=0) == "dead"
+    view = store.view(job_id)
+    assert view["status"] == "failed" and view["error"]["code"] == "poison"
+    assert stores.text.zscore(dead_letter_key(), job_id) is not None
+    # The upload is kept for an operator to requeue the job; requeueing gives it fresh attempts.
+    assert stores.blobs.get(blob_ref) == b"pixels"
+    assert store.requeue_dead(job_id) == "ok"
+    view = store.view(job_id)
+    assert view["status"] == "queued" and view["attempts"] == 0 and view["error"] is None
+    assert store.dead_letters() == []
+
+
+def test_a_finished_job_with_a_callback_owes_one(store: JobStore, stores: Stores) -> None:
+    job_id = _create(stores, callback_url="https://example.org/hook")
+    token = _claim(store, job_id).token
+    assert _succeed(store, job_id, token) == "ok:callback"
+    assert stores.text.zscore(callbacks_key(), job_id) is not None
+    assert store.view(job_id)["callback"]["state"] == "pending"
+    assert store.take_callback(job_id, in_flight_s=60)
+    assert store.callback_done(job_id, "delivered", "HTTP 204") == "delivered"
+    callback = store.view(job_id)["callback"]
+    assert callback["state"] == "delivered" and callback["attempts"] == 1 and callback["last"] == "HTTP 204"
+    assert stores.text.zscore(callbacks_key(), job_id) is None
+
+
+def test_blobs_round_trip(stores: Stores) -> None:
     blob_ref = stores.blobs.put(b"\x00\x01pixels", ttl_s=3600)
     assert stores.blobs.get(blob_ref) == b"\x00\x01pixels"
-    job_id = new_job_id()
-    stores.jobs.create(job_id, {"model": "fraud", "model_version": "1", "blob_ref": blob_ref})
-    stores.jobs.claim(job_id, EXPIRED)
-    stores.jobs.succeed(job_id, blob_ref, {})
-    assert 0 < redis.Redis.from_url(redis_url).ttl(blob_key(blob_ref)) <= 30
-    RedisBlobStore(redis.Redis.from_url(redis_url)).delete(blob_ref)
+    stores.blobs.delete(blob_ref)
     with pytest.raises(BlobMissing):
         stores.blobs.get(blob_ref)
+    assert not stores.text.exists(blob_key(blob_ref))

@@ -1,0 +1,178 @@
+"""The reconciler: the time-based half of the job state machine, so that no job waits on a broker's timeout.
+
+Each pass, under a short Redis lock (run as many reconcilers as you like; one works at a time):
+- queued jobs past their queue deadline end `expired`, without costing compute;
+- running jobs whose lease lapsed (their worker died or was cut off) go back to the queue after a backoff, or end
+  `failed` and dead-lettered once their attempts are used up;
+- jobs whose backoff has ended are published again;
+- callbacks whose message was lost are handed out again;
+- every `lost_message_check_s`, queued jobs whose message is in no broker list (the API died between record and
+  publish, or Redis lost the publish in its fsync window) are published again.
+A message published twice is harmless: a claim hands the job to one attempt only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import redis
+from celery import Celery
+
+from config import Settings
+from protocol.connections import Stores
+from protocol.jobs import JobStore
+from protocol.keys import (
+    CALLBACK_QUEUE,
+    CALLBACK_TASK,
+    KOMBU_UNACKED_HASH,
+    job_key,
+    leases_key,
+    published_key,
+    queue_lists,
+    queued_key,
+    reconciler_lock_key,
+    retries_key,
+    task_name_for,
+)
+from protocol.registry import Registry
+
+log = logging.getLogger(__name__)
+
+_UNLOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+_BATCH = 500
+_RETRY_BACKOFF_S = 1.0
+
+
+class Reconciler:
+    """One pass at a time with `tick`; `run` loops until `stop` is set."""
+
+    def __init__(self, settings: Settings, registry: Registry, stores: Stores, celery_app: Celery) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._stores = stores
+        self._celery = celery_app
+        self._token = uuid.uuid4().hex
+        self._unlock = stores.text.register_script(_UNLOCK)
+        self._last_lost_check_s = 0.0
+
+    @property
+    def _jobs(self) -> JobStore:
+        return self._stores.jobs
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                counts = self.tick()
+                if counts:
+                    log.info("reconciled: %s", dict(counts))
+            except redis.RedisError as e:
+                log.warning("reconciler pass failed: %s; trying again", type(e).__name__)
+            stop.wait(self._settings.reconcile_interval_s)
+
+    def tick(self, *, check_lost: bool | None = None) -> Counter[str]:
+        """One pass; counts what it did. Skipped (empty) while another reconciler holds the lock."""
+        lock_ms = int(max(10.0, 5 * self._settings.reconcile_interval_s) * 1000)
+        if not self._stores.text.set(reconciler_lock_key(), self._token, nx=True, px=lock_ms):
+            return Counter()
+        try:
+            counts: Counter[str] = Counter()
+            counts.update(self._expire_due())
+            counts.update(self._recover_lapsed())
+            counts.update(self._publish_due_retries())
+            counts.update(self._hand_out_callbacks())
+            now_s = time.monotonic()
+            due = now_s - self._last_lost_check_s >= self._settings.lost_message_check_s / 2
+            if check_lost if check_lost is not None else due:
+                self._last_lost_check_s = now_s
+                counts.update(self._republish_lost())
+            return +counts
+        finally:
+            self._unlock(keys=[reconciler_lock_key()], args=[self._token])
+
+    def _expire_due(self) -> Counter[str]:
+        return Counter(self._jobs.expire(job_id) for job_id in self._jobs.due(queued_key(), limit=_BATCH))
+
+    def _recover_lapsed(self) -> Counter[str]:
+        counts: Counter[str] = Counter()
+        for job_id in self._jobs.due(leases_key(), limit=_BATCH):
+            outcome = self._jobs.recover(job_id, backoff_s=_RETRY_BACKOFF_S)
+            counts[f"lease_{outcome}"] += 1
+            if outcome == "dead":
+                log.warning("job %s dead-lettered: its attempts kept losing their worker", job_id)
+                self._maybe_callback(job_id)
+        return counts
+
+    def _publish_due_retries(self) -> Counter[str]:
+        counts: Counter[str] = Counter()
+        for job_id in self._jobs.due(retries_key(), limit=_BATCH):
+            if self._jobs.take_retry(job_id) and self.publish(job_id):
+                counts["retried"] += 1
+        return counts
+
+    def _hand_out_callbacks(self) -> Counter[str]:
+        job_ids = self._jobs.due_callbacks()
+        for job_id in job_ids:
+            self._celery.send_task(CALLBACK_TASK, args=[job_id], queue=CALLBACK_QUEUE)
+        return Counter({"callbacks": len(job_ids)}) if job_ids else Counter()
+
+    def _maybe_callback(self, job_id: str) -> None:
+        if self._stores.text.hget(job_key(job_id), "callback_url"):
+            self._celery.send_task(CALLBACK_TASK, args=[job_id], queue=CALLBACK_QUEUE)
+
+    def _republish_lost(self) -> Counter[str]:
+        cutoff_s = self._jobs.server_time_s() - self._settings.lost_message_check_s
+        old: list[str] = self._stores.text.zrangebyscore(published_key(), "-inf", cutoff_s, start=0, num=10 * _BATCH)  # type: ignore[assignment]
+        if not old:
+            return Counter()
+        in_broker = self._ids_in_broker()
+        counts: Counter[str] = Counter()
+        for job_id in old:
+            if job_id not in in_broker and self._still_waiting(job_id, cutoff_s) and self.publish(job_id):
+                log.warning("job %s: its message was lost; published again", job_id)
+                counts["lost_republished"] += 1
+        return counts
+
+    def _still_waiting(self, job_id: str, cutoff_s: float) -> bool:
+        status = self._stores.text.hget(job_key(job_id), "status")
+        score = self._stores.text.zscore(published_key(), job_id)
+        return status == "queued" and score is not None and float(score) <= cutoff_s
+
+    def _ids_in_broker(self) -> set[str]:
+        """Task ids of every message waiting in a model queue or held unacknowledged by a worker."""
+        text = self._stores.text
+        pipe = text.pipeline(transaction=False)
+        for spec in self._registry.values():
+            for name in queue_lists(spec.queue_name):
+                pipe.lrange(name, 0, -1)
+        pipe.hvals(KOMBU_UNACKED_HASH)
+        *lists, unacked = pipe.execute()
+        ids = {_message_id(raw) for messages in lists for raw in messages}
+        ids |= {_message_id(raw, envelope=True) for raw in unacked}
+        return ids
+
+    def publish(self, job_id: str) -> bool:
+        """Send a job's task again; False if the job is no longer queued or its model is unknown."""
+        model, blob_ref, status = self._stores.text.hmget(job_key(job_id), ["model", "blob_ref", "status"])
+        if status != "queued" or not isinstance(model, str) or model not in self._registry:
+            return False
+        # Marked first: should the send fail, the lost-message check publishes it later.
+        self._jobs.mark_published([job_id])
+        self._celery.send_task(task_name_for(model), args=[job_id, blob_ref], task_id=job_id)
+        return True
+
+
+def _message_id(raw: str, *, envelope: bool = False) -> str:
+    """The task id in a kombu Redis message (the unacked hash wraps it as [message, exchange, routing key])."""
+    try:
+        message: Any = json.loads(raw)
+        if envelope:
+            message = message[0]
+        return str(message["headers"]["id"])
+    except (ValueError, KeyError, TypeError, IndexError):
+        return ""

@@ -1,0 +1,239 @@
+"""The Lua scripts that move a job record, each atomic in Redis. `JobStore` is their only caller.
+
+Every script gets the job key as KEYS[1] and the job id as ARGV[1]. The indexes (leases, queued, published,
+retries, callbacks, dead letter) and the blob are reached by name from inside the script: inferq runs against one
+Redis (or a Sentinel-managed primary), never a cluster, so all keys live on the same server.
+
+Fencing: `attempts` is the fencing token. A claim increments it and hands it to the attempt; renewing the lease,
+starting the forward pass and writing the outcome all check that the record is still `running` under that token,
+so an attempt whose lease lapsed (and whose job was taken over) can no longer write anything.
+"""
+
+from __future__ import annotations
+
+from protocol.keys import (
+    PREFIX,
+    callbacks_key,
+    dead_letter_key,
+    done_channel,
+    leases_key,
+    published_key,
+    queued_key,
+    retries_key,
+)
+
+_PRELUDE = f"""
+local J = KEYS[1]
+local ID = ARGV[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local LEASES, QUEUED, PUBLISHED = '{leases_key()}', '{queued_key()}', '{published_key()}'
+local RETRIES, CALLBACKS, DEAD = '{retries_key()}', '{callbacks_key()}', '{dead_letter_key()}'
+local function blob_key() return '{PREFIX}:blob:' .. (redis.call('HGET', J, 'blob_ref') or '') end
+local function num(field) return tonumber(redis.call('HGET', J, field) or '0') or 0 end
+-- Move the job to a final state: drop it from every index, announce it, keep it readable for keep_ttl.
+local function finalize(status, result, err, keep_ttl, keep_blob, callback_grace)
+  redis.call('HSET', J, 'status', status, 'finished_at', now, 'result', result, 'error', err)
+  redis.call('HDEL', J, 'lease_until')
+  redis.call('EXPIRE', J, keep_ttl)
+  if keep_blob then redis.call('EXPIRE', blob_key(), keep_ttl) else redis.call('DEL', blob_key()) end
+  redis.call('ZREM', LEASES, ID)
+  redis.call('ZREM', QUEUED, ID)
+  redis.call('ZREM', PUBLISHED, ID)
+  redis.call('ZREM', RETRIES, ID)
+  local owed = (redis.call('HGET', J, 'callback_url') or '') ~= ''
+  if owed then
+    redis.call('HSET', J, 'callback_state', 'pending', 'callback_attempts', 0)
+    redis.call('ZADD', CALLBACKS, now + tonumber(callback_grace), ID)
+  end
+  redis.call('PUBLISH', '{done_channel()}', ID)
+  return owed
+end
+-- Put a job back in the queue after a failed attempt; the reconciler publishes it once the backoff ends.
+local function requeue(backoff_s, err)
+  redis.call('HSET', J, 'status', 'queued', 'retry_at', now + backoff_s, 'last_error', err)
+  redis.call('HDEL', J, 'lease_until', 'computing_at')
+  redis.call('ZREM', LEASES, ID)
+  redis.call('ZADD', RETRIES, now + backoff_s, ID)
+  redis.call('ZADD', QUEUED, num('expires_at'), ID)
+end
+-- Out of attempts: fail with the last error (or `poison` when the attempts died with their worker), and keep
+-- the upload so that an operator can requeue the job from the dead-letter list.
+local function dead_letter(last_error, keep_ttl, grace)
+  local err = last_error
+  if num('lost') > 0 then
+    err = cjson.encode({{code = 'poison', retryable = false,
+      message = 'the job ended its worker process ' .. num('lost') .. ' time(s); it was dead-lettered'}})
+  end
+  finalize('failed', '', err, keep_ttl, true, grace)
+  redis.call('ZADD', DEAD, now, ID)
+end
+"""
+
+# KEYS: job, idempotency key (or the job key again). ARGV: id, queue deadline offset s, keep ttl, field pairs...
+CREATE = f"""{_PRELUDE}
+if KEYS[2] ~= J then
+  local existing = redis.call('GET', KEYS[2])
+  if existing and redis.call('EXISTS', '{PREFIX}:job:' .. existing) == 1 then return existing end
+  redis.call('SET', KEYS[2], ID, 'EX', ARGV[3])
+end
+local expires_at = now + tonumber(ARGV[2])
+redis.call('HSET', J, 'submitted_at', now, 'expires_at', expires_at, 'status', 'queued', 'attempts', 0)
+for i = 4, #ARGV, 2 do redis.call('HSET', J, ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', J, ARGV[3])
+redis.call('ZADD', QUEUED, expires_at, ID)
+redis.call('ZADD', PUBLISHED, now, ID)
+return ID
+"""
+
+# ARGV: id, node, pid, lease s, expired error, keep ttl, callback grace.
+# Returns {outcome, token, lost}: outcome 'claimed', 'leased' (a live attempt holds it), a final status, 'missing'.
+CLAIM = f"""{_PRELUDE}
+local status = redis.call('HGET', J, 'status')
+if not status then return {{'missing', 0, 0}} end
+if status == 'queued' then
+  if now > num('expires_at') then
+    finalize('expired', '', ARGV[5], ARGV[6], false, ARGV[7])
+    return {{'expired', 0, 0}}
+  end
+elseif status == 'running' then
+  if num('lease_until') > now then return {{'leased', 0, 0}} end
+  redis.call('HINCRBY', J, 'lost', 1)
+else
+  return {{status, 0, 0}}
+end
+if num('attempts') >= num('max_attempts') then
+  dead_letter(redis.call('HGET', J, 'last_error') or '', ARGV[6], ARGV[7])
+  return {{'failed', 0, 0}}
+end
+local token = redis.call('HINCRBY', J, 'attempts', 1)
+local lease_until = now + tonumber(ARGV[4])
+redis.call('HSET', J, 'status', 'running', 'started_at', now, 'lease_until', lease_until,
+  'worker', ARGV[2], 'worker_pid', ARGV[3])
+redis.call('HDEL', J, 'computing_at', 'retry_at')
+redis.call('EXPIRE', J, ARGV[6])
+redis.call('ZADD', LEASES, lease_until, ID)
+redis.call('ZREM', QUEUED, ID)
+redis.call('ZREM', PUBLISHED, ID)
+redis.call('ZREM', RETRIES, ID)
+return {{'claimed', token, num('lost')}}
+"""
+
+_FENCE = """
+local status = redis.call('HGET', J, 'status')
+if not status then return 'missing' end
+if status ~= 'running' or redis.call('HGET', J, 'attempts') ~= ARGV[2] then return 'fenced' end
+"""
+
+# ARGV: id, token. Marks the attempt as computing: from here on it can no longer be cancelled.
+BEGIN = f"""{_PRELUDE}{_FENCE}
+redis.call('HSET', J, 'computing_at', now)
+return 'ok'
+"""
+
+# ARGV: id, token, lease s.
+RENEW = f"""{_PRELUDE}{_FENCE}
+redis.call('HSET', J, 'lease_until', now + tonumber(ARGV[3]))
+redis.call('ZADD', LEASES, now + tonumber(ARGV[3]), ID)
+return 'ok'
+"""
+
+# ARGV: id, token, final status, result json, error json, keep ttl, callback grace, batch size.
+# Returns 'ok', or 'ok:callback' when a callback is now owed.
+FINISH = f"""{_PRELUDE}{_FENCE}
+redis.call('HSET', J, 'batch_size', ARGV[8])
+if finalize(ARGV[3], ARGV[4], ARGV[5], ARGV[6], false, ARGV[7]) then return 'ok:callback' end
+return 'ok'
+"""
+
+# ARGV: id, token, backoff s, error json, keep ttl, callback grace. A transient failure: retry, or dead-letter.
+RELEASE = f"""{_PRELUDE}{_FENCE}
+if num('attempts') >= num('max_attempts') then
+  dead_letter(ARGV[4], ARGV[5], ARGV[6])
+  return 'dead'
+end
+requeue(tonumber(ARGV[3]), ARGV[4])
+return 'ok'
+"""
+
+# ARGV: id, backoff s, keep ttl, callback grace. A running job whose lease lapsed: its worker is gone.
+RECOVER = f"""{_PRELUDE}
+if redis.call('HGET', J, 'status') ~= 'running' then
+  redis.call('ZREM', LEASES, ID)
+  return 'gone'
+end
+if num('lease_until') > now then return 'live' end
+redis.call('HINCRBY', J, 'lost', 1)
+if num('attempts') >= num('max_attempts') then
+  dead_letter('', ARGV[3], ARGV[4])
+  return 'dead'
+end
+local err = cjson.encode({{code = 'worker_lost', message = 'the worker running the job was lost', retryable = true}})
+requeue(tonumber(ARGV[2]), err)
+return 'requeued'
+"""
+
+# ARGV: id, cancelled error json, keep ttl, callback grace. Queued, or claimed but not yet computing.
+CANCEL = f"""{_PRELUDE}
+local status = redis.call('HGET', J, 'status')
+if not status then return 'missing' end
+if status == 'queued' or (status == 'running' and not redis.call('HGET', J, 'computing_at')) then
+  finalize('cancelled', '', ARGV[2], ARGV[3], false, ARGV[4])
+  return 'ok'
+end
+return status
+"""
+
+# ARGV: id, expired error json, keep ttl, callback grace. A queued job past its queue deadline.
+EXPIRE = f"""{_PRELUDE}
+local status = redis.call('HGET', J, 'status')
+if not status then
+  redis.call('ZREM', QUEUED, ID)
+  redis.call('ZREM', PUBLISHED, ID)
+  redis.call('ZREM', RETRIES, ID)
+  return 'missing'
+end
+if status ~= 'queued' or now <= num('expires_at') then return status end
+finalize('expired', '', ARGV[2], ARGV[3], false, ARGV[4])
+return 'expired'
+"""
+
+# ARGV: id, queue ttl s, keep ttl. A dead-lettered job back to the queue with fresh attempts.
+REQUEUE_DEAD = f"""{_PRELUDE}
+if not redis.call('ZSCORE', DEAD, ID) then return 'not_dead' end
+if redis.call('HGET', J, 'status') ~= 'failed' then redis.call('ZREM', DEAD, ID) return 'not_dead' end
+if redis.call('EXISTS', blob_key()) == 0 then return 'blob_missing' end
+local expires_at = now + tonumber(ARGV[2])
+redis.call('HSET', J, 'status', 'queued', 'attempts', 0, 'lost', 0, 'expires_at', expires_at,
+  'result', '', 'error', '', 'finished_at', '', 'started_at', '')
+redis.call('HDEL', J, 'last_error', 'callback_state', 'callback_attempts')
+redis.call('EXPIRE', J, ARGV[3])
+redis.call('EXPIRE', blob_key(), ARGV[3])
+redis.call('ZREM', DEAD, ID)
+redis.call('ZREM', CALLBACKS, ID)
+redis.call('ZADD', QUEUED, expires_at, ID)
+redis.call('ZADD', PUBLISHED, now, ID)
+return 'ok'
+"""
+
+# ARGV: id, in-flight grace s. Take a due callback for delivery: it will not be handed out again for the grace.
+CALLBACK_TAKE = f"""{_PRELUDE}
+if not redis.call('ZSCORE', CALLBACKS, ID) then return 'none' end
+if redis.call('EXISTS', J) == 0 then redis.call('ZREM', CALLBACKS, ID) return 'missing' end
+redis.call('ZADD', CALLBACKS, now + tonumber(ARGV[2]), ID)
+redis.call('HINCRBY', J, 'callback_attempts', 1)
+return 'ok'
+"""
+
+# ARGV: id, outcome ('delivered' | 'retry' | 'failed'), detail, next attempt in s.
+CALLBACK_DONE = f"""{_PRELUDE}
+if redis.call('EXISTS', J) == 0 then redis.call('ZREM', CALLBACKS, ID) return 'missing' end
+redis.call('HSET', J, 'callback_last', ARGV[3])
+if ARGV[2] == 'retry' then
+  redis.call('ZADD', CALLBACKS, now + tonumber(ARGV[4]), ID)
+  return 'retry'
+end
+redis.call('HSET', J, 'callback_state', ARGV[2], 'callback_done_at', now)
+redis.call('ZREM', CALLBACKS, ID)
+return ARGV[2]
+"""

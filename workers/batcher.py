@@ -1,0 +1,201 @@
+"""Dynamic batching inside one worker process: jobs of one model that are here at the same time run as one forward pass.
+
+Modelled on Ray Serve's `@serve.batch` and Triton's dynamic batcher: callers put (item, future) pairs on a queue; one
+thread per model takes up to `max_batch_size` rows, waiting at most `batch_wait_ms` after the first, runs them
+together, and resolves every future, on success and on failure. Unlike a fixed wait, it waits only while more jobs
+are known to be on their way (claimed by this process and still decoding): a lone job at low load runs at once,
+and under load batches fill while the previous one computes.
+
+Each job stays its own Celery task; the batcher never sees the broker. What it does need from the job store is one
+check per batch that every attempt still owns its job (`begin`), so that a job cancelled while it waited here, or
+taken over after its lease lapsed, never costs compute.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from protocol.errors import InferqError
+
+log = logging.getLogger(__name__)
+
+BatchRunner = Callable[[np.ndarray], np.ndarray]
+BatchGate = Callable[[list[tuple[str, int]]], list[bool]]
+
+
+class Fenced(InferqError):
+    """The attempt no longer owns its job (cancelled, timed out or taken over): its work is dropped."""
+
+    code = "fenced"
+
+
+@dataclass(frozen=True)
+class BatchOutput:
+    """One job's rows of a batch's outputs, and how many jobs ran in that batch."""
+
+    rows: np.ndarray
+    batch_jobs: int
+
+
+@dataclass
+class _Item:
+    job_id: str
+    token: int
+    rows: np.ndarray
+    isolate: bool
+    priority: int
+    enqueued_s: float
+    future: Future[BatchOutput] = field(default_factory=Future)
+
+
+class DynamicBatcher:
+    """Batches one model's jobs in this process; `submit` is called from many task threads."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        run_batch: BatchRunner,
+        gate: BatchGate,
+        max_batch_size: int,
+        batch_wait_ms: float,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        self.name = name
+        self._run_batch = run_batch
+        self._gate = gate
+        self._max_rows = max_batch_size
+        self._wait_s = batch_wait_ms / 1000.0
+        self._items: list[_Item] = []
+        self._arriving = 0
+        self._cond = threading.Condition()
+        self._stopped = False
+        self.batches_run: list[int] = []  # recent batch sizes, for logs and tests
+        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+
+    # --- called by task threads
+
+    def expect(self) -> None:
+        """A job of this model was claimed here and is decoding: worth waiting for it."""
+        with self._cond:
+            self._arriving += 1
+
+    def unexpect(self) -> None:
+        """An expected job will not come (its decoding failed)."""
+        with self._cond:
+            self._arriving = max(0, self._arriving - 1)
+            self._cond.notify_all()
+
+    def submit(
+        self, job_id: str, token: int, rows: np.ndarray, *, isolate: bool = False, priority: int = 0
+    ) -> Future[BatchOutput]:
+        """Queue one job's rows (leading axis: rows of the batch); the future holds its rows of the outputs."""
+        item = _Item(job_id, token, rows, isolate, priority, time.monotonic())
+        with self._cond:
+            if self._stopped:
+                item.future.set_exception(InferqError("the batcher is stopped"))
+                return item.future
+            self._arriving = max(0, self._arriving - 1)
+            self._items.append(item)
+            self._cond.notify_all()
+        return item.future
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
+
+    # --- the batcher thread
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _next_batch(self) -> list[_Item] | None:
+        with self._cond:
+            while not self._items:
+                if self._stopped:
+                    return None
+                self._cond.wait()
+            first = self._take_first()
+            if first.isolate:
+                return [first]
+            batch, rows = [first], len(first.rows)
+            deadline_s = time.monotonic() + self._wait_s
+            while rows < self._max_rows:
+                nxt = self._take_fitting(self._max_rows - rows)
+                if nxt is not None:
+                    batch.append(nxt)
+                    rows += len(nxt.rows)
+                    continue
+                remaining_s = deadline_s - time.monotonic()
+                if self._arriving == 0 or remaining_s <= 0 or self._stopped:
+                    break
+                self._cond.wait(timeout=remaining_s)
+            return batch
+
+    def _take_first(self) -> _Item:
+        # Most urgent first, then oldest: a list scan is fine for the few dozen jobs a process holds.
+        best = min(range(len(self._items)), key=lambda i: (self._items[i].priority, self._items[i].enqueued_s))
+        return self._items.pop(best)
+
+    def _take_fitting(self, room_rows: int) -> _Item | None:
+        candidates = [i for i, item in enumerate(self._items) if not item.isolate and len(item.rows) <= room_rows]
+        if not candidates:
+            return None
+        best = min(candidates, key=lambda i: (self._items[i].priority, self._items[i].enqueued_s))
+        return self._items.pop(best)
+
+    def _run(self, batch: list[_Item]) -> None:
+        try:
+            owned = self._gate([(item.job_id, item.token) for item in batch])
+        except Exception as e:  # the job store is unreachable: every attempt fails over to its retry path
+            for item in batch:
+                item.future.set_exception(e)
+            return
+        live = []
+        for item, ok in zip(batch, owned, strict=True):
+            if ok:
+                live.append(item)
+            else:
+                item.future.set_exception(Fenced(f"job {item.job_id} no longer belongs to this attempt"))
+        if live:
+            self._compute(live)
+
+    def _compute(self, batch: list[_Item]) -> None:
+        try:
+            outputs = self._run_batch(np.concatenate([item.rows for item in batch]))
+        except Exception as e:
+            if len(batch) == 1:
+                batch[0].future.set_exception(e)
+                return
+            # One bad input must fail only its own job: run each alone to find it.
+            log.info(
+                "batch of %d for %s failed (%s); running its jobs one by one", len(batch), self.name, type(e).__name__
+            )
+            for item in batch:
+                self._compute([item])
+            return
+        self._record(len(batch))
+        start = 0
+        for item in batch:
+            stop = start + len(item.rows)
+            item.future.set_result(BatchOutput(rows=outputs[start:stop], batch_jobs=len(batch)))
+            start = stop
+
+    def _record(self, jobs: int) -> None:
+        self.batches_run.append(jobs)
+        del self.batches_run[:-100]

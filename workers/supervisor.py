@@ -1,0 +1,130 @@
+"""`inferq worker`: one Celery worker node per usable CPU (or per GPU), kept running.
+
+Each node is a plain `celery -A workers.app worker` process with its own name, a threads pool sized to the jobs it
+may batch, and its own torch thread count; the supervisor starts them, starts again any that dies (the jobs it held
+run again once their leases lapse), and on SIGTERM or SIGINT lets every node finish or hand back what it holds.
+This is process management, as `celery multi` or a service manager does it; the broker still hands out the work.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from os import EX_CONFIG
+from types import FrameType
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.5
+_QUICK_DEATH_S = 10.0
+_MAX_RESTART_DELAY_S = 30.0
+_STOP_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One worker node: its name, command line and environment."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+
+
+@dataclass
+class _Node:
+    spec: NodeSpec
+    process: subprocess.Popen[bytes]
+    started_s: float
+    quick_deaths: int = 0
+
+
+class Supervisor:
+    """Runs the nodes until told to stop; `run` returns the exit status."""
+
+    def __init__(self, nodes: list[NodeSpec]) -> None:
+        self._specs = nodes
+        self._nodes: list[_Node] = []
+        self._stopping = False
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        self._nodes = [self._start(spec) for spec in self._specs]
+        while not self._stopping:
+            time.sleep(_POLL_S)
+            for index, node in enumerate(self._nodes):
+                status = node.process.poll()
+                if status is None or self._stopping:
+                    continue
+                if status == EX_CONFIG:
+                    # The node refused to start (no GPU, bad weights): starting it again cannot help.
+                    self._stop_all()
+                    return EX_CONFIG
+                self._nodes[index] = self._restart(node, status)
+        return self._stop_all()
+
+    def _on_stop(self, signum: int, _frame: FrameType | None) -> None:
+        self._stopping = True
+
+    def _start(self, spec: NodeSpec) -> _Node:
+        process = subprocess.Popen(spec.argv, env=spec.env, stdin=subprocess.DEVNULL)
+        return _Node(spec, process, time.monotonic())
+
+    def _restart(self, node: _Node, status: int) -> _Node:
+        quick = time.monotonic() - node.started_s < _QUICK_DEATH_S
+        deaths = node.quick_deaths + 1 if quick else 0
+        delay_s = min(_MAX_RESTART_DELAY_S, 2.0**deaths - 1)
+        print(f"inferq worker: node {node.spec.name} exited ({status}); starting it again", file=sys.stderr, flush=True)
+        time.sleep(delay_s)
+        restarted = self._start(node.spec)
+        restarted.quick_deaths = deaths
+        return restarted
+
+    def _stop_all(self) -> int:
+        for node in self._nodes:
+            if node.process.poll() is None:
+                node.process.send_signal(signal.SIGTERM)
+        deadline_s = time.monotonic() + _STOP_TIMEOUT_S
+        worst = 0
+        for node in self._nodes:
+            try:
+                status = node.process.wait(timeout=max(0.1, deadline_s - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                node.process.kill()
+                status = node.process.wait()
+            worst = worst or (status if status > 0 else 0)
+        return worst
+
+
+def node_specs(
+    *,
+    pool: str,
+    queues: list[str],
+    processes: int,
+    torch_threads: int,
+    slots: int,
+    loglevel: str,
+    gpus: list[str] | None = None,
+) -> list[NodeSpec]:
+    """The nodes of one `inferq worker`: a CPU node per process, or a GPU node per device."""
+    specs = []
+    devices = gpus or [None] * processes  # type: ignore[list-item]
+    for index, device in enumerate(devices):
+        name = f"inferq-{pool}-{index}-{os.getpid()}@%h"
+        argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", ",".join(queues), "-n", name]
+        argv += ["-P", "threads", "-c", str(slots), "-l", loglevel, "--without-mingle", "--without-gossip"]
+        env = {
+            **os.environ,
+            "INFERQ_DEVICE": "cuda" if pool == "gpu" else "cpu",
+            "INFERQ_TORCH_THREADS": str(torch_threads),
+            "INFERQ_WORKER_PROCESSES": str(len(devices)),
+        }
+        if device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = device
+        specs.append(NodeSpec(name, argv, env))
+    return specs
