@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     )
     callback_retry_period_s: float = Field(default=24 * 3600, gt=0, description="How long a callback is retried.")
     callback_timeout_s: float = Field(default=10.0, gt=0, description="One delivery attempt's HTTP timeout.")
+    callback_backoff_s: float = Field(
+        default=5.0, gt=0, description="Delay before a failed callback's second attempt; doubles, at most 10 min."
+    )
 
     # --- demo
     data_dir: Path = Field(default=Path(".inferq"), description="Private Redis data (AOF) and demo samples.")

@@ -33,7 +33,6 @@ from protocol.keys import CALLBACK_TASK, job_key
 
 log = logging.getLogger(__name__)
 
-_BACKOFF_BASE_S = 5.0
 _BACKOFF_MAX_S = 600.0
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -168,7 +167,8 @@ class CallbackDeliverer:
         if jobs.server_time_s() - finished_s > self._settings.callback_retry_period_s:
             log.warning("job %s: callback given up after %d attempts (%s)", job_id, attempts, detail)
             return jobs.callback_done(job_id, "failed", detail)
-        delay_s = min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2 ** (attempts - 1)) * (0.5 + random.random())  # noqa: S311
+        base_s = self._settings.callback_backoff_s
+        delay_s = min(_BACKOFF_MAX_S, base_s * 2 ** (attempts - 1)) * (0.5 + random.random())  # noqa: S311
         log.info("job %s: callback attempt %d failed (%s); next in %.0f s", job_id, attempts, detail, delay_s)
         return jobs.callback_done(job_id, "retry", detail, retry_in_s=delay_s)
 

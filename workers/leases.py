@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 # Exit status of a worker process ended by the hard time limit (EX_SOFTWARE): its supervisor starts another.
 HARD_LIMIT_EXIT_STATUS = 70
+# Time limits are checked this often, so a limit is kept to within half a second.
+_LIMIT_CHECK_S = 0.5
 
 
 @dataclass
@@ -91,12 +93,15 @@ class LeaseKeeper:
             return len(self._held)
 
     def _loop(self) -> None:
-        interval_s = max(0.2, self.lease_s / 4)
-        while not self._stop.wait(interval_s):
+        renew_every_s = max(0.2, self.lease_s / 4)
+        next_renewal_s = time.monotonic() + renew_every_s
+        while not self._stop.wait(_LIMIT_CHECK_S):
             try:
                 self._enforce_limits()
-                self._renew()
-                self._heartbeat()
+                if time.monotonic() >= next_renewal_s:
+                    next_renewal_s = time.monotonic() + renew_every_s
+                    self._renew()
+                    self._heartbeat()
             except Exception as e:  # Redis away: keep trying; the leases lapse if it stays away too long
                 log.warning("lease renewal failed: %s", type(e).__name__)
 

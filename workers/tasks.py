@@ -9,6 +9,7 @@ once the backoff has passed.
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +18,7 @@ import numpy as np
 import redis
 from celery import Celery
 
-from protocol.errors import BackendUnavailable, BlobMissing, InferenceError, InferqError
+from protocol.errors import BackendUnavailable, BlobMissing, InferenceError, InferqError, TimeLimitExceeded
 from protocol.jobs import Claim, JobStatus, Outcome
 from protocol.keys import task_name_for
 from protocol.registry import ModelSpec, Registry
@@ -48,15 +49,21 @@ def execute_job(runtime: WorkerRuntime, model: str, job_id: str, blob_ref: str) 
     if keeper is not None:
         keeper.hold(job_id, claim.token, model, soft_limit_s=spec.time_limit_s, hard_limit_s=spec.hard_limit_s)
     try:
-        return _attempt(runtime, spec, job_id, claim, blob)
+        return _attempt(runtime, spec, job_id, claim, blob, started_s=time.monotonic())
     finally:
         if keeper is not None:
             keeper.drop(job_id)
 
 
-def _attempt(runtime: WorkerRuntime, spec: ModelSpec, job_id: str, claim: Claim, blob: bytes | None) -> dict[str, Any]:
+def _attempt(
+    runtime: WorkerRuntime, spec: ModelSpec, job_id: str, claim: Claim, blob: bytes | None, *, started_s: float
+) -> dict[str, Any]:
     try:
         status, payload, batch_jobs = _compute(runtime, spec, job_id, claim, blob)
+        if time.monotonic() - started_s > spec.time_limit_s:
+            # Past the soft limit before the watchdog looked: the same outcome as if it had.
+            limit = TimeLimitExceeded(f"the job ran past its model's time limit of {spec.time_limit_s:g} s")
+            status, payload = JobStatus.FAILED, limit.to_dict()
     except Fenced:
         log.info("job %s: attempt %d was fenced off (cancelled, timed out or taken over)", job_id, claim.token)
         return {"job_id": job_id, "status": "fenced"}
@@ -77,7 +84,9 @@ def _attempt(runtime: WorkerRuntime, spec: ModelSpec, job_id: str, claim: Claim,
         return {"job_id": job_id, "status": "unrecorded"}
     if reply == "ok:callback":
         runtime.send_callback(job_id)
-    if not reply.startswith("ok"):
+    if reply.startswith("ok"):
+        log.info("job %s recorded %s (attempt %d, batch of %d)", job_id, status.value, claim.token, batch_jobs)
+    else:
         log.warning("job %s: outcome of attempt %d not recorded: %s", job_id, claim.token, reply)
     return {"job_id": job_id, "status": status.value, "batch_size": batch_jobs}
 

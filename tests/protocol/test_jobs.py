@@ -124,7 +124,9 @@ def test_cancel_stops_a_queued_job_and_the_worker_then_skips_it(store: JobStore,
     assert _claim(store, job_id).outcome == "cancelled"
 
 
-def test_a_claimed_job_waiting_for_its_batch_can_be_cancelled_and_is_then_fenced(store: JobStore, stores: Stores) -> None:
+def test_a_claimed_job_waiting_for_its_batch_can_be_cancelled_and_is_then_fenced(
+    store: JobStore, stores: Stores
+) -> None:
     job_id = _create(stores)
     claim = _claim(store, job_id)
     store.cancel(job_id)

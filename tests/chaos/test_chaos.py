@@ -1,0 +1,69 @@
+"""Failure, tested: real processes hurt with real signals, counting what was lost or run twice (target: none)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.chaos.harness import SCENARIOS, ChaosStack, Tally
+
+pytestmark = [pytest.mark.chaos, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def chaos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosStack]:
+    with ChaosStack(tmp_path_factory.mktemp("chaos")) as stack:
+        yield stack
+
+
+def _run(chaos: ChaosStack, name: str) -> Tally:
+    tally = SCENARIOS[name](chaos)
+    print(tally.row())
+    assert tally.lost == 0, tally.row()
+    assert tally.run_twice == 0, tally.row()
+    return tally
+
+
+def test_sigkill_of_a_whole_worker_loses_nothing(chaos: ChaosStack) -> None:
+    tally = _run(chaos, "kill_whole_worker")
+    assert tally.succeeded == tally.submitted
+    assert tally.retried > 0  # the killed worker held jobs, and they ran again elsewhere
+
+
+def test_sigkill_of_one_worker_process_loses_nothing(chaos: ChaosStack) -> None:
+    tally = _run(chaos, "kill_one_process")
+    assert tally.succeeded == tally.submitted
+
+
+def test_a_redis_restart_loses_nothing(chaos: ChaosStack) -> None:
+    tally = _run(chaos, "restart_redis")
+    assert tally.succeeded == tally.submitted
+
+
+def test_sigterm_finishes_or_hands_back_every_job(chaos: ChaosStack) -> None:
+    tally = _run(chaos, "terminate_worker")
+    assert tally.succeeded == tally.submitted
+
+
+def test_jobs_past_their_time_limit_fail_with_timeout_and_others_flow(chaos: ChaosStack) -> None:
+    tally = _run(chaos, "hard_time_limit")
+    assert tally.failed == {"timeout": 8}
+    assert tally.succeeded == 10
+
+
+def test_an_input_that_kills_its_worker_is_dead_lettered_and_others_flow(chaos: ChaosStack) -> None:
+    tally = _run(chaos, "poison_input")
+    assert tally.failed == {"poison": 1}
+    assert tally.succeeded == tally.submitted - 1
+    assert chaos.stores.jobs.dead_letters()  # kept for an operator
+
+
+def test_callbacks_arrive_signed_after_the_receiver_recovers(chaos: ChaosStack) -> None:
+    tally = _run(chaos, "callback_receiver_down")
+    assert tally.succeeded == tally.submitted
+
+
+def test_a_lost_message_is_published_again_by_the_reconciler(chaos: ChaosStack) -> None:
+    tally = _run(chaos, "lost_message")
+    assert tally.succeeded == tally.submitted

@@ -1,0 +1,175 @@
+"""The dynamic batcher with real models and a real job store: batched equals alone, failures and cancels stay per job."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from config import DEFAULT_REGISTRY_PATH, Settings
+from producers.samples import write_samples
+from protocol.connections import Stores, open_stores
+from protocol.jobs import JobStore, new_job_id
+from protocol.registry import load_registry
+from workers.batcher import DynamicBatcher, Fenced
+from workers.inference import ModelRunner, load_runner
+from workers.weights import ensure_generated_weights
+
+REGISTRY = load_registry(DEFAULT_REGISTRY_PATH)
+
+
+def _runner(model: str) -> ModelRunner:
+    settings = Settings()
+    spec = REGISTRY.get_model(model)
+    ensure_generated_weights(spec, settings)
+    return load_runner(spec, settings, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def fraud() -> ModelRunner:
+    return _runner("fraud")
+
+
+@pytest.fixture(scope="module")
+def xray() -> ModelRunner:
+    return _runner("chest-xray")
+
+
+@pytest.fixture
+def stores(redis_url: str) -> Iterator[Stores]:
+    stores = open_stores(redis_url, queued_ttl_s=3600, result_ttl_s=60)
+    yield stores
+    stores.text.close()
+
+
+def _claimed(jobs: JobStore, count: int) -> list[tuple[str, int]]:
+    claimed = []
+    for _ in range(count):
+        job_id = new_job_id()
+        jobs.create(job_id, {"model": "m", "model_version": "1", "blob_ref": "b", "max_attempts": "3"})
+        claimed.append((job_id, jobs.claim_result(jobs.claim(job_id, node="t", pid=1, lease_s=60)).token))
+    return claimed
+
+
+def _batcher(runner: ModelRunner, jobs: JobStore, **overrides: float) -> DynamicBatcher:
+    options = {"max_batch_size": 64, "batch_wait_ms": 200.0, **overrides}
+    return DynamicBatcher(
+        name=runner.spec.name,
+        run_batch=runner.infer,
+        gate=jobs.begin,
+        max_batch_size=int(options["max_batch_size"]),
+        batch_wait_ms=options["batch_wait_ms"],
+    )
+
+
+def test_batched_tensor_jobs_equal_each_job_run_alone(fraud: ModelRunner, stores: Stores) -> None:
+    rng = np.random.default_rng(3)
+    inputs = [rng.standard_normal((rows, 30)).astype(np.float32) for rows in (1, 3, 2, 5)]
+    claimed = _claimed(stores.jobs, len(inputs))
+    batcher = _batcher(fraud, stores.jobs)
+    for _ in inputs:
+        batcher.expect()
+    futures = [batcher.submit(j, t, x) for (j, t), x in zip(claimed, inputs, strict=True)]
+    outputs = [f.result(timeout=30) for f in futures]
+    batcher.stop()
+    assert batcher.batches_run == [4]  # the four expected jobs ran as one forward pass
+    for x, out in zip(inputs, outputs, strict=True):
+        assert out.batch_jobs == 4
+        np.testing.assert_allclose(out.rows, fraud.infer(x), atol=1e-5)
+
+
+def test_batched_images_equal_each_image_run_alone(xray: ModelRunner, stores: Stores, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    samples = write_samples(tmp_path)[:3]
+    tensors = [xray.prepare(path.read_bytes())[0][np.newaxis] for path in samples]
+    claimed = _claimed(stores.jobs, len(tensors))
+    batcher = _batcher(xray, stores.jobs, max_batch_size=8)
+    for _ in tensors:
+        batcher.expect()
+    futures = [batcher.submit(j, t, x) for (j, t), x in zip(claimed, tensors, strict=True)]
+    outputs = [f.result(timeout=120) for f in futures]
+    batcher.stop()
+    assert batcher.batches_run == [3]
+    for x, out in zip(tensors, outputs, strict=True):
+        np.testing.assert_allclose(out.rows, xray.infer(x), atol=1e-5)
+
+
+def test_a_bad_input_in_a_batch_fails_only_its_own_job(fraud: ModelRunner, stores: Stores) -> None:
+    good = np.zeros((2, 30), dtype=np.float32)
+    bad = np.full((1, 30), np.nan, dtype=np.float32)  # the model answers NaN: an inference error
+    claimed = _claimed(stores.jobs, 3)
+    batcher = _batcher(fraud, stores.jobs)
+    for _ in range(3):
+        batcher.expect()
+    futures = [batcher.submit(j, t, x) for (j, t), x in zip(claimed, [good, bad, good], strict=True)]
+    assert futures[0].result(timeout=30).rows.shape == (2, 1)
+    with pytest.raises(Exception, match="NaN"):
+        futures[1].result(timeout=30)
+    assert futures[2].result(timeout=30).rows.shape == (2, 1)
+    batcher.stop()
+
+
+def test_a_job_cancelled_while_it_waits_in_the_batcher_is_dropped(fraud: ModelRunner, stores: Stores) -> None:
+    # Given a batcher busy with a first batch (its forward pass held until released)
+    started, release = threading.Event(), threading.Event()
+
+    def slow_infer(batch: np.ndarray) -> np.ndarray:
+        started.set()
+        release.wait(timeout=30)
+        return fraud.infer(batch)
+
+    batcher = DynamicBatcher(
+        name="fraud", run_batch=slow_infer, gate=stores.jobs.begin, max_batch_size=64, batch_wait_ms=0
+    )
+    claimed = _claimed(stores.jobs, 3)
+    x = np.zeros((1, 30), dtype=np.float32)
+    first = batcher.submit(*claimed[0], x)
+    assert started.wait(timeout=30)
+    # When two more jobs wait behind it and one of them is cancelled
+    waiting = [batcher.submit(*claimed[1], x), batcher.submit(*claimed[2], x)]
+    stores.jobs.cancel(claimed[1][0])
+    release.set()
+    # Then the cancelled job never reaches the model and the others do
+    assert first.result(timeout=30).batch_jobs == 1
+    with pytest.raises(Fenced):
+        waiting[0].result(timeout=30)
+    assert waiting[1].result(timeout=30).batch_jobs == 1
+    assert stores.jobs.view(claimed[1][0])["status"] == "cancelled"
+    batcher.stop()
+
+
+def test_a_lone_job_does_not_wait_for_a_batch(fraud: ModelRunner, stores: Stores) -> None:
+    # No other job is on its way, so a long batch_wait_ms must not delay it.
+    [(job_id, token)] = _claimed(stores.jobs, 1)
+    batcher = _batcher(fraud, stores.jobs, batch_wait_ms=60_000)
+    batcher.expect()
+    out = batcher.submit(job_id, token, np.zeros((1, 30), dtype=np.float32)).result(timeout=20)
+    assert out.batch_jobs == 1
+    batcher.stop()
+
+
+def test_an_isolated_job_runs_alone(fraud: ModelRunner, stores: Stores) -> None:
+    claimed = _claimed(stores.jobs, 3)
+    batcher = _batcher(fraud, stores.jobs)
+    x = np.zeros((1, 30), dtype=np.float32)
+    for _ in range(3):
+        batcher.expect()
+    futures = [batcher.submit(j, t, x, isolate=(i == 1)) for i, (j, t) in enumerate(claimed)]
+    sizes = [f.result(timeout=30).batch_jobs for f in futures]
+    batcher.stop()
+    assert sizes[1] == 1 and sizes[0] == sizes[2] == 2
+
+
+def test_batches_respect_max_batch_size_in_rows(fraud: ModelRunner, stores: Stores) -> None:
+    claimed = _claimed(stores.jobs, 5)
+    batcher = _batcher(fraud, stores.jobs, max_batch_size=4)
+    x = np.zeros((2, 30), dtype=np.float32)
+    for _ in range(5):
+        batcher.expect()
+    futures = [batcher.submit(j, t, x) for j, t in claimed]
+    for f in futures:
+        f.result(timeout=30)
+    batcher.stop()
+    assert sorted(batcher.batches_run) == [1, 2, 2] and sum(batcher.batches_run) == 5
