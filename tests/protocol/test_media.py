@@ -147,6 +147,8 @@ def test_info_is_json_and_carries_no_patient_identifier() -> None:
         "photometric_interpretation",
         "transfer_syntax",
         "sop_class",
+        "views",
+        "body_part",
     }
     for identifier in ("DOE", "JANE", PATIENT_ID, "ACC-99120", "Nowhere"):
         assert identifier not in text
