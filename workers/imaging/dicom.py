@@ -28,7 +28,7 @@ from workers.imaging.codestream import (
     j2k_header,
     jpeg_precision,
 )
-from workers.imaging.geometry import needed_size, reduction_levels
+from workers.imaging.geometry import align_wavelet_samples, needed_size, reduction_levels
 from workers.imaging.monochrome import frame_header, present_monochrome
 from workers.imaging.present import Picture, luma, make_picture
 
@@ -54,30 +54,35 @@ def read_dicom(data: bytes, *, max_image_pixels: int, spec: ImageInput | None = 
         frame = _encapsulated_frame(dataset, info)
         if frame is not None:
             _check_codestream_size(frame, info)
-        decoded, photometric = _decode_first_frame(dataset, info, frame, spec)
+        decoded, photometric, wavelet_halvings = _decode_first_frame(dataset, info, frame, spec)
         grey = _present(decoded, photometric, dataset)
-    return make_picture(grey, info)
+    if wavelet_halvings:
+        grey = align_wavelet_samples(grey, wavelet_halvings)
+    # A grey frame presented through a table is float32, finite and in [0, 1] already.
+    return make_picture(grey, info, checked=grey.dtype == np.float32)
 
 
 def _decode_first_frame(
     dataset: Dataset, info: ImageInfo, frame: bytes | None, spec: ImageInput | None
-) -> tuple[np.ndarray, str]:
-    """Stored values of frame 0 and the photometric interpretation *after* decoding: pydicom turns YBR_FULL(_422)
-    into RGB, and the JPEG 2000 decoder undoes YBR_RCT / YBR_ICT."""
+) -> tuple[np.ndarray, str, int]:
+    """Stored values of frame 0, the photometric interpretation *after* decoding (pydicom turns YBR_FULL(_422)
+    into RGB, and the JPEG 2000 decoder undoes YBR_RCT / YBR_ICT), and how many JPEG 2000 resolution levels
+    down the values were decoded."""
     if frame is not None and spec is not None and info.photometric_interpretation in _MONOCHROME:
         reduced = _decode_reduced(dataset, info, frame, spec)
         if reduced is not None:
-            return reduced, info.photometric_interpretation
+            return reduced[0], info.photometric_interpretation, reduced[1]
     decoder = get_decoder(dataset.file_meta.TransferSyntaxUID)
     plugin = _PREFERRED_PLUGIN if _PREFERRED_PLUGIN in decoder.available_plugins else ""
     options = as_pixel_options(dataset)
     array, properties = decoder.as_array(dataset, index=0, validate=True, raw=False, decoding_plugin=plugin, **options)
-    return array, str(properties["photometric_interpretation"])
+    return array, str(properties["photometric_interpretation"]), 0
 
 
-def _decode_reduced(dataset: Dataset, info: ImageInfo, frame: bytes, spec: ImageInput) -> np.ndarray | None:
+def _decode_reduced(dataset: Dataset, info: ImageInfo, frame: bytes, spec: ImageInput) -> tuple[np.ndarray, int] | None:
     """A grey unsigned frame decoded smaller, where its codestream allows and the model's input is smaller
-    still; None to decode it whole. Signed or colour frames, and the rest, are decoded whole."""
+    still, with the JPEG 2000 levels it went down (0 for a DCT-scaled JPEG, whose block means sit where the
+    fit's do); None to decode it whole. Signed or colour frames, and the rest, are decoded whole."""
     if dataset.get("PixelRepresentation", 0) != 0:
         return None
     transfer_syntax = dataset.file_meta.TransferSyntaxUID
@@ -88,12 +93,12 @@ def _decode_reduced(dataset: Dataset, info: ImageInfo, frame: bytes, spec: Image
         if (header.height, header.width) != (info.rows, info.columns):
             return None
         levels = reduction_levels(info.rows, info.columns, spec, most=header.levels)
-        return decode_j2k(frame, header, levels) if levels else None
+        return (decode_j2k(frame, header, levels), levels) if levels else None
     if transfer_syntax in _JPEG_8BIT_SYNTAXES and jpeg_precision(frame) == (JPEG_BASELINE_SOF, 8):
         need = needed_size(info.rows, info.columns, spec)
         if need[0] * 2 > info.rows or need[1] * 2 > info.columns:
             return None
-        return decode_jpeg_scaled(frame, need)
+        return decode_jpeg_scaled(frame, need), 0
     return None
 
 

@@ -22,8 +22,8 @@ checkTable` / `checkBits`, `DiBaseLUT::getFirstEntry`) and Cornerstone's `getLUT
   step for a VOI LUT, Pixel Representation for a Modality LUT), whatever VR pydicom gave the descriptor;
 - 8-bit entries stored one a byte in OW (or US) data, an odd count padded to an even length, are unpacked.
 
-An integer image of at most 16 bits is presented through a table built over every value its header allows, so
-the float steps run on at most 65,536 values rather than on every pixel.
+An 8 or 16-bit integer image is presented through a table with an entry for each of its 256 or 65,536
+possible values, so the float steps run on at most 65,536 values rather than on every pixel.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ __all__ = ["frame_header", "present_monochrome"]
 _VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 _MAX_LUT_BITS = 16
 _MIN_LUT_BITS = 8  # dcmtk's MIN_TABLE_ENTRY_SIZE: a detected depth is never taken below a byte
-_MAX_TABLE_BITS = 16
+_TABLE_DTYPES = tuple(np.dtype(name) for name in ("u1", "i1", "u2", "i2"))  # native byte order
 # The attributes the presentation reads; the rescale and VOI ones may sit in a functional group instead.
 _IMAGE_KEYWORDS = (
     "BitsAllocated",
@@ -89,25 +89,20 @@ def _copy(source: Dataset, target: Dataset, keyword: str) -> None:
 
 
 def present_monochrome(stored: np.ndarray, photometric: str, header: Dataset, *, little_endian: bool) -> np.ndarray:
-    """The presented picture in [0, 1] (float32 through a table, else float64) for stored grey values."""
+    """The presented picture in [0, 1]: through a table for 8 and 16-bit integers (float32, checked finite and
+    clipped to [0, 1] already), else computed on every pixel (float64, not yet checked)."""
     presentation = _Presentation.from_header(header, photometric, little_endian=little_endian)
-    domain = _table_domain(stored, header)
-    if domain is None:
+    if stored.dtype not in _TABLE_DTYPES:
         return presentation.apply(stored)
-    low, high = domain
-    table = presentation.apply(np.arange(low, high + 1, dtype=np.int64)).astype(np.float32)
-    index = stored.astype(np.int32) - low if low else stored
-    # Values outside the range BitsStored allows cannot come from a conforming decoder: clipped, not refused.
-    return np.take(table, index, mode="clip")
-
-
-def _table_domain(stored: np.ndarray, header: Dataset) -> tuple[int, int] | None:
-    if stored.dtype.kind not in "iu" or int(header.BitsStored) > _MAX_TABLE_BITS:
-        return None
-    bits = int(header.BitsStored)
-    if header.get("PixelRepresentation", 0) == 1:
-        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    return 0, (1 << bits) - 1
+    # One entry for every bit pattern of the container, indexed by the pattern read unsigned (no copy): values
+    # outside what BitsStored allows cannot come from a conforming decoder, and get what the steps give them.
+    unsigned = np.dtype(f"u{stored.dtype.itemsize}")
+    patterns = np.arange(1 << (8 * stored.dtype.itemsize), dtype=np.int64).astype(unsigned)
+    table = presentation.apply(patterns.view(stored.dtype).astype(np.int64))
+    if not np.all(np.isfinite(table)):
+        raise InvalidImage("the image presents non-finite values")
+    table = np.clip(table, 0.0, 1.0).astype(np.float32)
+    return table[stored.view(unsigned)]
 
 
 @dataclass(frozen=True)
