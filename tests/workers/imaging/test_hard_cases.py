@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 import zlib
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ from pydicom.uid import (
 )
 
 from config import Settings
-from producers.samples import chest_picture
+from producers.samples import chest_picture, write_large_samples
 from protocol.errors import NotForPresentation, UnsupportedView
 from protocol.media import probe
 from protocol.registry import ImageInput, load_registry
@@ -483,3 +484,11 @@ def test_a_jpeg_file_is_dct_scaled_and_stays_close() -> None:
     data = _jpeg((_film(2000, 1800) >> 4).astype(np.uint8))
     assert _pixels(data, MODEL).shape == (250, 225)
     _assert_close_to_full_decode(data)
+
+
+def test_detector_sized_samples_read_the_same_reduced_or_whole(tmp_path: Path) -> None:
+    dx, cr_j2k, jpeg = write_large_samples(tmp_path)
+    for data in (cr_j2k.read_bytes(), jpeg.read_bytes()):
+        _assert_close_to_full_decode(data)
+    whole = to_model_input(read_picture(dx.read_bytes(), max_image_pixels=MAX_PIXELS), MODEL)
+    assert preprocess(dx.read_bytes(), MODEL, max_image_pixels=MAX_PIXELS)[0].tobytes() == whole.tobytes()
