@@ -102,7 +102,7 @@ def present_monochrome(stored: np.ndarray, photometric: str, header: Dataset, *,
     if not np.all(np.isfinite(table)):
         raise InvalidImage("the image presents non-finite values")
     table = np.clip(table, 0.0, 1.0).astype(np.float32)
-    return table[stored.view(unsigned)]
+    return np.take(table, stored.view(unsigned))  # take: about twice as fast as fancy indexing here
 
 
 @dataclass(frozen=True)
