@@ -4,6 +4,10 @@ One picture (a PA chest: body, lungs, ribs, clavicles, spine, heart, diaphragm) 
 case the workers must read to the same picture: 16-bit DX with a window, MONOCHROME1 JPEG 2000 lossless,
 8-bit RLE, 8-bit PNG, 16-bit PNG and JPEG. The DICOM files are Part 10 Digital X-Ray (For Presentation) objects
 with fake, obviously synthetic patient attributes and UIDs derived from the file name, so the bytes never change.
+
+`write_large_samples` writes detector-sized films (2500 x 2000, with quantum noise so they compress as real ones
+do) for measuring decode cost: an uncompressed 12-bit DX, a JPEG 2000 lossless CR and a JPEG. They are not in
+`SAMPLE_NAMES`, so the demo and the small samples stay as they are.
 """
 
 from __future__ import annotations
@@ -22,7 +26,15 @@ from pydicom.uid import (
     generate_uid,
 )
 
-__all__ = ["SAMPLE_NAMES", "SAMPLE_SIZE_PX", "chest_picture", "write_samples"]
+__all__ = [
+    "LARGE_SAMPLE_NAMES",
+    "LARGE_SAMPLE_SHAPE_PX",
+    "SAMPLE_NAMES",
+    "SAMPLE_SIZE_PX",
+    "chest_picture",
+    "write_large_samples",
+    "write_samples",
+]
 
 SAMPLE_NAMES = (
     "chest-dx-16bit.dcm",
@@ -33,6 +45,11 @@ SAMPLE_NAMES = (
     "chest.jpg",
 )
 SAMPLE_SIZE_PX = 512
+LARGE_SAMPLE_NAMES = ("chest-dx-2500x2000-12bit.dcm", "chest-cr-2500x2000-j2k.dcm", "chest-2500x2000.jpg")
+LARGE_SAMPLE_SHAPE_PX = (2500, 2000)  # rows, columns: a 43 x 35 cm detector at about 0.17 mm
+_CR_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")  # Computed Radiography Image Storage
+_NOISE_SEED = 2026
+_NOISE_STD = 0.006  # quantum noise, as a fraction of full scale: what keeps lossless ratios near real ones
 _DX_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.1")  # Digital X-Ray Image Storage - For Presentation
 _UID_ENTROPY = "inferq-synthetic-chest-sample"
 _BITS_STORED_12 = 12
@@ -60,13 +77,32 @@ def write_samples(directory: Path) -> list[Path]:
     return paths
 
 
-def chest_picture(size_px: int = SAMPLE_SIZE_PX) -> np.ndarray:
-    """A PA chest as a viewer shows it: float64 (size, size) in [0, 1], 0 = black (air), bone bright.
+def write_large_samples(directory: Path) -> list[Path]:
+    """Write the detector-sized samples into `directory`; the paths in `LARGE_SAMPLE_NAMES` order."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rows, columns = LARGE_SAMPLE_SHAPE_PX
+    picture = np.clip(chest_picture(rows, columns_px=columns) + _noise(rows, columns), 0.0, 1.0)
+    writers = {
+        "chest-dx-2500x2000-12bit.dcm": lambda: _dx_16bit(picture, name="chest-dx-2500x2000-12bit.dcm"),
+        "chest-cr-2500x2000-j2k.dcm": lambda: _cr_j2k(picture),
+        "chest-2500x2000.jpg": lambda: _jpeg(picture),
+    }
+    paths = []
+    for name in LARGE_SAMPLE_NAMES:
+        path = directory / name
+        path.write_bytes(writers[name]())
+        paths.append(path)
+    return paths
+
+
+def chest_picture(size_px: int = SAMPLE_SIZE_PX, *, columns_px: int | None = None) -> np.ndarray:
+    """A PA chest as a viewer shows it: float64 (size, columns or size) in [0, 1], 0 = black (air), bone bright.
 
     Densities add up along the beam, as in a radiograph: soft tissue, then air in the lungs takes some away,
     then ribs, heart, spine and clavicles add theirs.
     """
-    y, x = np.mgrid[0:size_px, 0:size_px] / size_px  # fractions of the image, origin top left
+    rows, columns = size_px, columns_px or size_px
+    y, x = np.mgrid[0:rows, 0:columns] / np.array([rows, columns]).reshape(2, 1, 1)  # fractions, origin top left
     trunk = _ellipse(x, y, centre=(0.5, 0.62), radii=(0.42, 0.62)) | _ellipse(
         x, y, centre=(0.5, 0.3), radii=(0.47, 0.16)
     )  # chest and shoulders
@@ -118,6 +154,10 @@ def _box_blur(picture: np.ndarray, radius_px: int) -> np.ndarray:
     return np.apply_along_axis(lambda column: np.convolve(column, kernel, mode="valid"), 0, rows)
 
 
+def _noise(rows: int, columns: int) -> np.ndarray:
+    return np.random.default_rng(_NOISE_SEED).normal(0.0, _NOISE_STD, (rows, columns))
+
+
 def _quantise(picture: np.ndarray, full_scale: int) -> np.ndarray:
     return np.rint(picture * full_scale).astype(np.int64)
 
@@ -125,9 +165,9 @@ def _quantise(picture: np.ndarray, full_scale: int) -> np.ndarray:
 # --- DICOM
 
 
-def _dx_16bit(picture: np.ndarray) -> bytes:
+def _dx_16bit(picture: np.ndarray, *, name: str = "chest-dx-16bit.dcm") -> bytes:
     """12 bits stored in 16, MONOCHROME2, with the DX module's identity rescale and a window covering the range."""
-    dataset = _dx_dataset("chest-dx-16bit.dcm", ExplicitVRLittleEndian)
+    dataset = _dx_dataset(name, ExplicitVRLittleEndian)
     stored = _quantise(picture, (1 << _BITS_STORED_12) - 1).astype(np.uint16)
     _set_pixels(dataset, stored, bits_stored=_BITS_STORED_12, photometric="MONOCHROME2")
     dataset.RescaleSlope = 1  # the DX module fixes slope 1 and intercept 0 (PS3.3 C.8.11.3.1.2)
@@ -147,6 +187,26 @@ def _mono1_j2k(picture: np.ndarray) -> bytes:
     stored = (full_scale - _quantise(picture, full_scale)).astype(np.uint16)
     _set_pixels(dataset, stored, bits_stored=_BITS_STORED_12, photometric="MONOCHROME1")
     dataset.PresentationLUTShape = "INVERSE"
+    dataset.compress(JPEG2000Lossless, stored, encoding_plugin="pylibjpeg", generate_instance_uid=False)
+    return _encode(dataset)
+
+
+def _cr_j2k(picture: np.ndarray) -> bytes:
+    """A CR as a plate reader stores it: 12 bits, JPEG 2000 lossless, a log-like rescale and a window."""
+    name = "chest-cr-2500x2000-j2k.dcm"
+    dataset = _dx_dataset(name, ExplicitVRLittleEndian)
+    dataset.file_meta.MediaStorageSOPClassUID = _CR_STORAGE
+    dataset.SOPClassUID = _CR_STORAGE
+    dataset.Modality = "CR"
+    del dataset.PresentationIntentType  # a DX attribute
+    stored = _quantise(picture, (1 << _BITS_STORED_12) - 1).astype(np.uint16)
+    _set_pixels(dataset, stored, bits_stored=_BITS_STORED_12, photometric="MONOCHROME2")
+    dataset.RescaleSlope = 2
+    dataset.RescaleIntercept = -1000
+    dataset.RescaleType = "US"
+    # LINEAR: lowest output at c - 0.5 - (w - 1) / 2 = -1000, highest at c - 0.5 + (w - 1) / 2 = 7190
+    dataset.WindowCenter = 3095.5
+    dataset.WindowWidth = 8191
     dataset.compress(JPEG2000Lossless, stored, encoding_plugin="pylibjpeg", generate_instance_uid=False)
     return _encode(dataset)
 

@@ -10,7 +10,9 @@
     │   ├── UnsupportedMedia         415 unsupported_media_type
     │   └── InvalidImage             422 invalid_image
     │       ├── NoPixelData          422 no_pixel_data
-    │       └── ImageTooLarge        413 image_too_large
+    │       ├── ImageTooLarge        413 image_too_large
+    │       ├── NotForPresentation   422 not_for_presentation
+    │       └── UnsupportedView      422 unsupported_view
     ├── ConflictError                409: the job is in a state that forbids the action
     │   └── JobNotCancellable        409 job_not_cancellable
     ├── TransientError               the system had a bad moment: retried with backoff, HTTP 503
@@ -116,6 +118,18 @@ class ImageTooLarge(InvalidImage):
 
     code = "image_too_large"
     http_status = 413
+
+
+class NotForPresentation(InvalidImage):
+    """Raw detector data (a "For Processing" object): no viewer shows it as it is, so no model may score it."""
+
+    code = "not_for_presentation"
+
+
+class UnsupportedView(InvalidImage):
+    """The image's view or body part, where its header says, is not one the model was made for."""
+
+    code = "unsupported_view"
 
 
 class ConflictError(InferqError):

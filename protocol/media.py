@@ -3,8 +3,15 @@
 `probe` runs at intake (the HTTP API) and again in the worker before any pixel is decoded, so that a bad upload
 is refused with a 4xx at once and an oversized one never reaches a decoder:
 
-    sniff(data)   magic bytes -> MediaKind, or UnsupportedMedia
-    probe(data)   header only -> ImageInfo, or UnsupportedMedia / InvalidImage / NoPixelData / ImageTooLarge
+    sniff(data)            magic bytes -> MediaKind, or UnsupportedMedia
+    probe(data)            header only -> ImageInfo, or UnsupportedMedia / InvalidImage / NoPixelData /
+                           ImageTooLarge / NotForPresentation
+    open_dicom(data)       probe's checks, and the dataset they read (pixel data left on the bytes, read later)
+    open_raster(data)      probe's checks, and the opened Pillow image (not decoded yet)
+    check_fits(info, spec) the view and body part the header states against the model's; UnsupportedView
+
+The worker reads each upload once: `open_dicom` / `open_raster` hand the parsed header on to the decoder. The
+rules (For Processing refused, views, PNG sBIT) are described in docs/x-ray-input.md.
 
 `ImageInfo` carries what a result may repeat about an image (PS3.3 attributes that identify no one); patient
 attributes are never read into it. pydicom and Pillow are called inside `third_party_boundary`, which keeps their
@@ -34,7 +41,16 @@ from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from protocol.errors import ImageTooLarge, InferqError, InvalidImage, NoPixelData, UnsupportedMedia
+from protocol.errors import (
+    ImageTooLarge,
+    InferqError,
+    InvalidImage,
+    NoPixelData,
+    NotForPresentation,
+    UnsupportedMedia,
+    UnsupportedView,
+)
+from protocol.registry import ImageInput
 
 # pydicom logs invalid element values verbatim at WARNING (e.g. "Invalid value for VR UI: '...'"), and element
 # values are patient data that must not reach our logs; its errors still get through.
@@ -45,6 +61,9 @@ __all__ = [
     "SUPPORTED_PHOTOMETRICS",
     "ImageInfo",
     "MediaKind",
+    "check_fits",
+    "open_dicom",
+    "open_raster",
     "probe",
     "sniff",
     "third_party_boundary",
@@ -77,7 +96,41 @@ _DEFER_BYTES = 4096
 _INFLATED_BYTES_PER_PIXEL = 6
 _INFLATED_HEADER_BYTES = 1 << 20
 _UNDEFINED_LENGTH = 0xFFFFFFFF
-_MODALITY_PATTERN = re.compile(r"^[A-Z0-9_ ]{1,16}$")
+_MODALITY_PATTERN = re.compile(r"^[A-Z0-9_ ]{1,16}$")  # a CS value (PS3.5 6.2): nothing else is repeated
+# Raw detector data, which PS3.3 C.8.11.1.1.1 says is not for display: the For Processing SOP classes.
+_FOR_PROCESSING_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
+        "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography X-Ray Image Storage - For Processing
+        "1.2.840.10008.5.1.4.1.1.1.3.1",  # Digital Intra-Oral X-Ray Image Storage - For Processing
+        "1.2.840.10008.5.1.4.1.1.13.1.5",  # Breast Projection X-Ray Image Storage - For Processing
+        "1.2.840.10008.5.1.4.1.1.501.2.2",  # DICOS Digital X-Ray Image Storage - For Processing
+    }
+)
+# View Code Sequence codes (CID 4010, SNOMED CT and the older SNOMED RT ids) in View Position's terms.
+_VIEW_BY_CODE = {
+    "272479007": "PA",
+    "R-10214": "PA",
+    "R-40888": "PA",
+    "399348003": "AP",
+    "R-10206": "AP",
+    "399173006": "LL",
+    "R-10236": "LL",
+    "399198007": "RL",
+    "R-10232": "RL",
+    "399067008": "LATERAL",
+    "R-102CD": "LATERAL",
+}
+_VIEW_BY_MEANING = {
+    "POSTERO-ANTERIOR": "PA",
+    "ANTERO-POSTERIOR": "AP",
+    "LEFT LATERAL": "LL",
+    "RIGHT LATERAL": "RL",
+    "LATERAL": "LATERAL",
+}
+_UNKNOWN_VIEW = "UNRECOGNISED"
+_PNG_CHUNK_HEADER_BYTES = 8
+_PNG_GREY = 0  # IHDR colour type of a greyscale PNG: its sBIT chunk holds one byte
 _PILLOW_FORMATS = {"png": "PNG", "jpeg": "JPEG"}
 # Pillow modes in DICOM's words, so results describe every kind of image alike.
 _PHOTOMETRIC_BY_PILLOW_MODE = {
@@ -119,6 +172,9 @@ class ImageInfo:
     photometric_interpretation: str
     transfer_syntax: str | None
     sop_class: str | None
+    # View Position and View Code Sequence in View Position's terms; Body Part Examined. Empty where unsaid.
+    views: tuple[str, ...] = ()
+    body_part: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,8 +197,49 @@ def probe(data: bytes, *, max_image_pixels: int) -> ImageInfo:
     """Validate the header and the size limit without decoding a pixel."""
     kind = sniff(data)
     if kind is MediaKind.DICOM:
-        return _probe_dicom(data, max_image_pixels)
-    return _probe_raster(data, kind, max_image_pixels)
+        return open_dicom(data, max_image_pixels=max_image_pixels)[0]
+    info, image = open_raster(data, max_image_pixels=max_image_pixels)
+    image.close()
+    return info
+
+
+def open_dicom(data: bytes, *, max_image_pixels: int) -> tuple[ImageInfo, Dataset]:
+    """`probe` for DICOM, returning the dataset it read; its pixel data is read from `data` on first access."""
+    if sniff(data) is not MediaKind.DICOM:
+        raise UnsupportedMedia("expected a DICOM file")
+    return _probe_dicom(data, max_image_pixels)
+
+
+def open_raster(data: bytes, *, max_image_pixels: int) -> tuple[ImageInfo, Image.Image]:
+    """`probe` for PNG and JPEG, returning the opened image (header read, pixels not decoded); the caller closes
+    it. Decoding it must run inside `third_party_boundary`."""
+    kind = sniff(data)
+    if kind is MediaKind.DICOM:
+        raise UnsupportedMedia("expected a PNG or JPEG file, got dicom")
+    with third_party_boundary(f"{kind.value.upper()} header"):
+        image = Image.open(BytesIO(data), formats=[_PILLOW_FORMATS[kind]])
+        try:
+            info = _raster_info(data, kind, image)
+            _check_pixel_count(info.rows, info.columns, info.frames, max_image_pixels)
+        except BaseException:
+            image.close()
+            raise
+    return info, image
+
+
+def check_fits(info: ImageInfo, spec: ImageInput) -> None:
+    """Refuse an image whose header names a view or body part the model does not take; silence is accepted."""
+    accepted_views = {view.strip().upper() for view in spec.views}
+    refused = [view for view in info.views if view not in accepted_views]
+    if accepted_views and refused:
+        raise UnsupportedView(
+            f"the image is a {'/'.join(refused)} view; this model reads {', '.join(sorted(accepted_views))} only"
+        )
+    accepted_parts = {part.strip().upper() for part in spec.body_parts}
+    if accepted_parts and info.body_part is not None and info.body_part not in accepted_parts:
+        raise UnsupportedView(
+            f"the image shows the {info.body_part}; this model reads {', '.join(sorted(accepted_parts))} only"
+        )
 
 
 @contextmanager
@@ -178,51 +275,62 @@ def _check_pixel_count(rows: int, columns: int, frames: int, max_image_pixels: i
 # --- PNG and JPEG
 
 
-def _probe_raster(data: bytes, kind: MediaKind, max_image_pixels: int) -> ImageInfo:
-    with (
-        third_party_boundary(f"{kind.value.upper()} header"),
-        Image.open(BytesIO(data), formats=[_PILLOW_FORMATS[kind]]) as image,
-    ):
-        columns, rows = image.size
-        frames = int(getattr(image, "n_frames", 1))
-        mode = image.mode
-        bits_stored = _raster_bits(data, kind, image)
-    _check_pixel_count(rows, columns, frames, max_image_pixels)
+def _raster_info(data: bytes, kind: MediaKind, image: Image.Image) -> ImageInfo:
+    columns, rows = image.size
     return ImageInfo(
         format=kind.value,
         rows=rows,
         columns=columns,
-        frames=frames,
-        bits_stored=bits_stored,
+        frames=int(getattr(image, "n_frames", 1)),
+        bits_stored=_raster_bits(data, kind, image),
         modality=None,
-        photometric_interpretation=_PHOTOMETRIC_BY_PILLOW_MODE.get(mode, mode),
+        photometric_interpretation=_PHOTOMETRIC_BY_PILLOW_MODE.get(image.mode, image.mode),
         transfer_syntax=None,
         sop_class=None,
     )
 
 
 def _raster_bits(data: bytes, kind: MediaKind, image: Image.Image) -> int | None:
+    """The bits a sample holds: a grey PNG's sBIT when it has one, else its IHDR depth; a JPEG's precision."""
     if kind is MediaKind.PNG:
-        return data[24]  # IHDR bit depth: signature (8), chunk length and type (8), width and height (8)
+        depth = data[24]  # IHDR bit depth: signature (8), chunk length and type (8), width and height (8)
+        significant = _png_significant_bits(data) if data[25] == _PNG_GREY else None
+        return significant if significant is not None and 0 < significant < depth else depth
     bits = getattr(image, "bits", None)  # the JPEG frame header's sample precision
     return int(bits) if isinstance(bits, int) else None
+
+
+def _png_significant_bits(data: bytes) -> int | None:
+    """A PNG's sBIT value for its grey channel (PNG 11.3.3.4), which must come before the first IDAT; Pillow
+    does not report it. 12-bit detector data is often written into a 16-bit PNG with sBIT 12."""
+    offset = len(_PNG_SIGNATURE)
+    while offset + _PNG_CHUNK_HEADER_BYTES <= len(data):
+        length = int.from_bytes(data[offset : offset + 4], "big")
+        kind = data[offset + 4 : offset + 8]
+        if kind == b"IDAT":
+            return None
+        if kind == b"sBIT" and length >= 1 and offset + 9 <= len(data):
+            return data[offset + 8]
+        offset += _PNG_CHUNK_HEADER_BYTES + length + 4  # header, body, CRC
+    return None
 
 
 # --- DICOM
 
 
-def _probe_dicom(data: bytes, max_image_pixels: int) -> ImageInfo:
+def _probe_dicom(data: bytes, max_image_pixels: int) -> tuple[ImageInfo, Dataset]:
     # pydicom converts values lazily, on first access: every access may raise or warn, so all run in the boundary.
     with third_party_boundary("DICOM header"):
         dataset = _read_dicom_header(data, max_image_pixels)
         _require_pixel_data(dataset)
+        _require_for_presentation(dataset)
         rows, columns, frames = _geometry(dataset)
         _check_pixel_count(rows, columns, frames, max_image_pixels)
         _check_bits(dataset)
         photometric = _check_photometric(dataset)
         transfer_syntax = _check_transfer_syntax(dataset)
         _check_pixel_length(dataset, data, transfer_syntax, frames)
-        return ImageInfo(
+        info = ImageInfo(
             format=MediaKind.DICOM.value,
             rows=rows,
             columns=columns,
@@ -232,7 +340,10 @@ def _probe_dicom(data: bytes, max_image_pixels: int) -> ImageInfo:
             photometric_interpretation=photometric,
             transfer_syntax=str(transfer_syntax),
             sop_class=_clean_uid(dataset.get("SOPClassUID")),
+            views=_views(dataset),
+            body_part=_clean_code_string(dataset.get("BodyPartExamined")),
         )
+    return info, dataset
 
 
 def _read_dicom_header(data: bytes, max_image_pixels: int) -> Dataset:
@@ -269,6 +380,38 @@ def _require_pixel_data(dataset: Dataset) -> None:
     if "Image Storage" in name or "Rows" in dataset:
         raise InvalidImage(f"the DICOM image ({name}) has a header but no pixel data: truncated, or pixels stripped")
     raise NoPixelData(f"the DICOM object is {name}, which has no pixel data to read")
+
+
+def _require_for_presentation(dataset: Dataset) -> None:
+    """Refuse raw detector data: a For Processing SOP class, or Presentation Intent Type FOR PROCESSING."""
+    sop_class = _clean_uid(dataset.get("SOPClassUID"))
+    if sop_class is None and "file_meta" in dataset.__dict__:
+        sop_class = _clean_uid(dataset.file_meta.get("MediaStorageSOPClassUID"))
+    intent = str(dataset.get("PresentationIntentType") or "").strip().upper()
+    if sop_class in _FOR_PROCESSING_SOP_CLASSES or intent == "FOR PROCESSING":
+        raise NotForPresentation(
+            "the image is 'For Processing' raw detector data, which is not meant to be looked at; "
+            "send the 'For Presentation' image the modality made from it"
+        )
+
+
+def _views(dataset: Dataset) -> tuple[str, ...]:
+    """What the header says of the view: View Position, then each View Code Sequence item (empty when silent)."""
+    views = []
+    position = _clean_code_string(dataset.get("ViewPosition"))
+    if position is not None:
+        views.append(position)
+    for item in dataset.get("ViewCodeSequence") or []:
+        views.append(_view_from_code(item))
+    return tuple(dict.fromkeys(views))
+
+
+def _view_from_code(item: Dataset) -> str:
+    code = str(item.get("CodeValue") or item.get("LongCodeValue") or "").strip().upper()
+    if code in _VIEW_BY_CODE:
+        return _VIEW_BY_CODE[code]
+    meaning = str(item.get("CodeMeaning") or "").strip().upper()
+    return _VIEW_BY_MEANING.get(meaning, _UNKNOWN_VIEW)
 
 
 def _geometry(dataset: Dataset) -> tuple[int, int, int]:
@@ -357,6 +500,11 @@ def _check_pixel_length(dataset: Dataset, data: bytes, transfer_syntax: UID, fra
 
 
 def _clean_modality(value: object) -> str | None:
+    return _clean_code_string(value)
+
+
+def _clean_code_string(value: object) -> str | None:
+    """A CS value as it may be repeated (upper case, CS characters only); None when absent or free text."""
     text = str(value or "").strip().upper()
     return text if _MODALITY_PATTERN.match(text) else None
 

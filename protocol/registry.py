@@ -36,6 +36,12 @@ class ImageInput(_Frozen):
     channels: Literal[1, 3] = 1
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
+    # How a picture of another aspect ratio is fitted to height x width (docs/x-ray-input.md).
+    resize: Literal["stretch", "letterbox", "center-crop"] = "stretch"
+    # Accepted View Position terms (PA, AP, LL, ...) and Body Part Examined terms (CHEST, ...); empty accepts any.
+    # An image whose header does not say is accepted: the header is checked only where it speaks.
+    views: tuple[str, ...] = ()
+    body_parts: tuple[str, ...] = ()
 
     @model_validator(mode="after")
     def _check_normalisation(self) -> ImageInput:

@@ -55,12 +55,14 @@ class ModelRunner:
 
     def run(self, blob: bytes) -> dict[str, Any]:
         """The job's result for its stored input."""
-        rows, info = self.prepare(blob)
-        batch = rows[np.newaxis] if isinstance(self.spec.input, ImageInput) else rows
+        tensor, info = self.prepare(blob)
+        batch = tensor[np.newaxis] if isinstance(self.spec.input, ImageInput) else tensor
         return build_result(self.spec, self.infer(batch), info)
 
     def prepare(self, blob: bytes) -> tuple[np.ndarray, ImageInfo | None]:
-        """The model's input for one job: (C, H, W) for an image model, (rows, ...) for a tensor model."""
+        """One job's model input without a batch axis: for an image model the float32 (channels, height, width)
+        tensor and its ImageInfo (decoded, checked against the model, fitted, normalised); for a tensor model
+        its (rows, ...) float32 array and None. Client errors raise as `InvalidImage` / `InvalidTensor` etc."""
         if isinstance(self.spec.input, ImageInput):
             return preprocess(blob, self.spec.input, max_image_pixels=self._max_image_pixels)
         return tensor_from_bytes(blob, self.spec.input).astype(np.float32, copy=False), None

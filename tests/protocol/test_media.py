@@ -7,6 +7,7 @@ import logging
 import struct
 import warnings
 import zlib
+from dataclasses import replace
 from io import BytesIO
 from pathlib import Path
 
@@ -20,8 +21,9 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import MPEG2MPML, DeflatedExplicitVRLittleEndian
 
-from protocol.errors import ImageTooLarge, InvalidImage, NoPixelData, UnsupportedMedia
-from protocol.media import ImageInfo, MediaKind, probe, sniff
+from protocol.errors import ImageTooLarge, InvalidImage, NoPixelData, UnsupportedMedia, UnsupportedView
+from protocol.media import ImageInfo, MediaKind, check_fits, open_dicom, probe, sniff
+from protocol.registry import ImageInput
 
 MAX_PIXELS = 40_000_000
 PATIENT_NAME = "DOE^JANE"
@@ -147,6 +149,8 @@ def test_info_is_json_and_carries_no_patient_identifier() -> None:
         "photometric_interpretation",
         "transfer_syntax",
         "sop_class",
+        "views",
+        "body_part",
     }
     for identifier in ("DOE", "JANE", PATIENT_ID, "ACC-99120", "Nowhere"):
         assert identifier not in text
@@ -328,3 +332,58 @@ def test_deflated_dicom_that_inflates_past_the_limit_is_too_large() -> None:
     assert len(bomb) < 20_000
     with pytest.raises(ImageTooLarge, match="inflates"):
         probe(meta + bomb, max_image_pixels=1000)
+
+
+# --- views, body part and fitness for a model
+
+
+def test_probe_reports_view_and_body_part_in_view_position_terms() -> None:
+    dataset = _mr_small(ViewPosition="pa", BodyPartExamined="Chest")
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "399348003", "SCT", "antero-posterior"
+    dataset.ViewCodeSequence = [code]
+    info = probe(_save(dataset), max_image_pixels=MAX_PIXELS)
+    assert (info.views, info.body_part) == (("PA", "AP"), "CHEST")
+    assert json.loads(json.dumps(info.to_dict()))["views"] == ["PA", "AP"]
+
+
+def test_free_text_in_view_or_body_part_is_not_repeated() -> None:
+    info = probe(
+        _save(_mr_small(ViewPosition=PATIENT_NAME, BodyPartExamined="Mrs Doe's chest")), max_image_pixels=MAX_PIXELS
+    )
+    assert (info.views, info.body_part) == ((), None)
+
+
+def test_check_fits_accepts_silence_and_refuses_what_the_model_does_not_take() -> None:
+    frontal = ImageInput(height=8, width=8, views=("PA", "AP"), body_parts=("CHEST",))
+    silent = probe(_save(_mr_small()), max_image_pixels=MAX_PIXELS)
+    check_fits(silent, frontal)
+    check_fits(replace(silent, views=("AP",), body_part="CHEST"), frontal)
+    check_fits(replace(silent, views=("LL",), body_part="SKULL"), ImageInput(height=8, width=8))
+    with pytest.raises(UnsupportedView, match="LL"):
+        check_fits(replace(silent, views=("PA", "LL")), frontal)
+    with pytest.raises(UnsupportedView, match="ABDOMEN"):
+        check_fits(replace(silent, body_part="ABDOMEN"), frontal)
+
+
+def test_png_sbit_becomes_bits_stored_only_when_it_is_below_the_depth() -> None:
+    def with_sbit(png: bytes, bits: int) -> bytes:
+        chunk = struct.pack(">I", 1) + b"sBIT" + bytes([bits]) + struct.pack(">I", zlib.crc32(b"sBIT" + bytes([bits])))
+        return png[:33] + chunk + png[33:]  # after the signature (8) and IHDR (25)
+
+    png16 = _png(np.zeros((4, 4), np.uint16))
+    assert probe(with_sbit(png16, 12), max_image_pixels=MAX_PIXELS).bits_stored == 12
+    assert probe(with_sbit(png16, 16), max_image_pixels=MAX_PIXELS).bits_stored == 16
+    assert probe(with_sbit(png16, 0), max_image_pixels=MAX_PIXELS).bits_stored == 16
+    rgb = _png(np.zeros((4, 4, 3), np.uint8))
+    assert probe(with_sbit(rgb, 5), max_image_pixels=MAX_PIXELS).bits_stored == 8  # only a grey PNG's is used
+
+
+def test_open_dicom_hands_on_the_dataset_with_its_pixels_still_on_the_bytes() -> None:
+    data = _testdata("MR_small.dcm")
+    info, dataset = open_dicom(data, max_image_pixels=MAX_PIXELS)
+    assert info == probe(data, max_image_pixels=MAX_PIXELS)
+    assert dataset.get_item(0x7FE00010, keep_deferred=True).value is None  # deferred, not read yet
+    assert len(dataset.PixelData) == 64 * 64 * 2
+    with pytest.raises(UnsupportedMedia):
+        open_dicom(_png(np.zeros((2, 2), np.uint8)), max_image_pixels=MAX_PIXELS)

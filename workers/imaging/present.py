@@ -1,9 +1,10 @@
 """The presented picture, and how it becomes a model's input tensor.
 
 A `Picture` is what a viewer would show: one grey channel, float32, values in [0, 1], 0 = black. The readers
-(`dicom`, `raster`) make one; `to_model_input` resizes it with an anti-aliasing filter straight to the model's
-height and width, replicates it to the model's channels, then applies the model's own normalisation from its
-registry entry. Everything here is plain numpy and Pillow, so the same bytes give bit-identical tensors.
+(`dicom`, `raster`) make one; `to_model_input` fits it to the model's height and width as its registry entry
+says (`geometry`: stretch, letterbox or center-crop, with an anti-aliasing filter), replicates it to the model's
+channels, then applies the model's own normalisation. Everything here is plain numpy and Pillow, so the same
+bytes give bit-identical tensors. The whole order of operations is in docs/x-ray-input.md.
 """
 
 from __future__ import annotations
@@ -11,19 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
 from protocol.errors import InvalidImage
 from protocol.media import ImageInfo
 from protocol.registry import ImageInput
+from workers.imaging.geometry import fit
 
 __all__ = ["BT601_LUMA", "Picture", "luma", "make_picture", "to_model_input"]
 
 # ITU-R BT.601 luma weights for R, G, B: the grey a colour picture reduces to.
 BT601_LUMA = (0.299, 0.587, 0.114)
-# Pillow's bilinear filter widens its support by the reduction factor when shrinking, so it anti-aliases;
-# unlike bicubic or Lanczos it has no negative lobes, so [0, 1] pictures cannot ring outside [0, 1].
-_RESAMPLE = Image.Resampling.BILINEAR
 
 
 @dataclass(frozen=True)
@@ -38,11 +36,15 @@ class Picture:
             raise ValueError(f"a Picture needs 2-D float32 pixels, got {self.pixels.dtype} {self.pixels.shape}")
 
 
-def make_picture(grey: np.ndarray, info: ImageInfo) -> Picture:
-    """Freeze a presented grey array (any float dtype, nominally [0, 1]) into a read-only float32 `Picture`."""
-    if not np.all(np.isfinite(grey)):
-        raise InvalidImage("the image presents non-finite values")
-    pixels = np.ascontiguousarray(np.clip(grey, 0.0, 1.0), dtype=np.float32)
+def make_picture(grey: np.ndarray, info: ImageInfo, *, checked: bool = False) -> Picture:
+    """Freeze a presented grey array (any float dtype, nominally [0, 1]) into a read-only float32 `Picture`;
+    `checked` says it is float32, finite and in [0, 1] already (a presentation table was), saving two passes."""
+    if checked and grey.dtype == np.float32:
+        pixels = np.ascontiguousarray(grey)
+    else:
+        if not np.all(np.isfinite(grey)):
+            raise InvalidImage("the image presents non-finite values")
+        pixels = np.ascontiguousarray(np.clip(grey, 0.0, 1.0), dtype=np.float32)
     pixels.flags.writeable = False
     return Picture(pixels=pixels, info=info)
 
@@ -54,18 +56,9 @@ def luma(rgb: np.ndarray) -> np.ndarray:
 
 
 def to_model_input(picture: Picture, spec: ImageInput) -> np.ndarray:
-    """The model's float32 input (channels, height, width): resized, replicated, then (x - mean) / std."""
-    resized = _resize(picture.pixels, height_px=spec.height, width_px=spec.width)
+    """The model's float32 input (channels, height, width): fitted, replicated, then (x - mean) / std."""
+    resized = fit(picture.pixels, spec)
     mean = np.asarray(spec.mean, dtype=np.float64).reshape(-1, 1, 1)
     std = np.asarray(spec.std, dtype=np.float64).reshape(-1, 1, 1)
     channels = np.broadcast_to(resized, (spec.channels, spec.height, spec.width))
     return np.ascontiguousarray((channels - mean) / std, dtype=np.float32)
-
-
-def _resize(pixels: np.ndarray, *, height_px: int, width_px: int) -> np.ndarray:
-    if pixels.shape == (height_px, width_px):
-        return pixels.astype(np.float64)
-    image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32))  # 2-D float32 -> mode "F"
-    resized = image.resize((width_px, height_px), _RESAMPLE)
-    # Weights sum to one, but float rounding may step a hair outside [0, 1].
-    return np.clip(np.asarray(resized, dtype=np.float64), 0.0, 1.0)

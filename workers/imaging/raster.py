@@ -1,26 +1,30 @@
-"""Read a PNG or JPEG upload into a `Picture`.
+"""Read a PNG or JPEG upload into a `Picture` (docs/x-ray-input.md).
 
 EXIF orientation is applied first (a phone photo of a film is usually stored sideways). Grey modes scale by
-their full scale: 255 for 8 bits, 65535 for 16-bit PNG (Pillow mode `I;16`, or `I` from older Pillow), not 255.
-Colour reduces to BT.601 luma. Transparent pixels are composited over black, the colour of no exposure.
-Pillow's traps: 16-bit RGB and 16-bit grey+alpha PNGs open as 8-bit `RGB` / `RGBA` (Pillow keeps the high
-byte), and a palette image keeps its transparency only through `convert("RGBA")`.
+their full scale: 255 for 8 bits, 65535 for 16-bit PNG (Pillow mode `I;16`, or `I` from older Pillow), not 255,
+except where an `sBIT` chunk says fewer bits are significant and no sample uses the bits above them: then the
+exporter wrote the detector's values unscaled (12-bit data in a 16-bit PNG) and the full scale is
+2^sBIT - 1; samples scaled up as the PNG specification asks (11.3.3.4) keep 65535. Colour reduces to BT.601
+luma. Transparent pixels are composited over black, the colour of no exposure. Pillow's traps: 16-bit RGB and
+16-bit grey+alpha PNGs open as 8-bit `RGB` / `RGBA` (Pillow keeps the high byte), and a palette image keeps
+its transparency only through `convert("RGBA")`.
+
+With a model's input spec, a baseline JPEG much larger than the model needs is decoded by DCT scaling
+(Pillow's `draft`: 1/2, 1/4 or 1/8, never below what the fit will use).
 """
 
 from __future__ import annotations
 
-from io import BytesIO
-
 import numpy as np
 from PIL import Image, ImageOps
 
-from protocol.errors import UnsupportedMedia
-from protocol.media import MediaKind, probe, third_party_boundary
+from protocol.media import ImageInfo, check_fits, open_raster, third_party_boundary
+from protocol.registry import ImageInput
+from workers.imaging.geometry import needed_size
 from workers.imaging.present import Picture, luma, make_picture
 
 __all__ = ["read_raster"]
 
-_PILLOW_FORMATS = {MediaKind.PNG: "PNG", MediaKind.JPEG: "JPEG"}
 # The value that means white in each single-channel Pillow mode.
 _GREY_FULL_SCALE = {
     "1": 1.0,
@@ -32,27 +36,37 @@ _GREY_FULL_SCALE = {
     "I": 65535.0,  # only a 16-bit PNG opens as 32-bit "I"
     "F": 1.0,
 }
+_CONTAINER_BITS = {"L": 8, "I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16, "I": 16}
 
 
-def read_raster(data: bytes, *, max_image_pixels: int) -> Picture:
+def read_raster(data: bytes, *, max_image_pixels: int, spec: ImageInput | None = None) -> Picture:
     """The upright grey picture of a PNG or JPEG upload (first frame of an APNG or MPO)."""
-    info = probe(data, max_image_pixels=max_image_pixels)
-    kind = MediaKind(info.format)
-    if kind not in _PILLOW_FORMATS:
-        raise UnsupportedMedia(f"expected a PNG or JPEG file, got {info.format}")
-    with (
-        third_party_boundary(f"{kind.value.upper()} image"),
-        Image.open(BytesIO(data), formats=[_PILLOW_FORMATS[kind]]) as opened,
-    ):
+    info, opened = open_raster(data, max_image_pixels=max_image_pixels)
+    with third_party_boundary(f"{info.format.upper()} image"), opened:
+        if spec is not None:
+            check_fits(info, spec)
+            _draft(opened, info, spec)
         upright = ImageOps.exif_transpose(opened)  # decodes; a copy when there is no orientation to apply
-        grey = _grey(upright)
+        grey = _grey(upright, info)
     return make_picture(grey, info)
 
 
-def _grey(image: Image.Image) -> np.ndarray:
+def _draft(image: Image.Image, info: ImageInfo, spec: ImageInput) -> None:
+    """Ask a JPEG for a DCT-scaled decode of at least the size the fit uses (a no-op for PNG)."""
+    if info.format != "jpeg":
+        return
+    rows, columns = needed_size(info.rows, info.columns, spec)
+    orientation = image.getexif().get(0x0112, 1)
+    if orientation in (5, 6, 7, 8):  # stored sideways: the fit's rows are the stored columns
+        rows, columns = columns, rows
+    image.draft(image.mode, (columns, rows))
+
+
+def _grey(image: Image.Image, info: ImageInfo | None = None) -> np.ndarray:
     """Float64 grey in [0, 1] for any Pillow mode."""
     if image.mode in _GREY_FULL_SCALE:
-        return np.asarray(image, dtype=np.float64) / _GREY_FULL_SCALE[image.mode]
+        values = np.asarray(image, dtype=np.float64)
+        return values / _grey_full_scale(values, image.mode, info)
     if image.mode == "LA":
         grey_alpha = np.asarray(image, dtype=np.float64) / 255.0
         return grey_alpha[..., 0] * grey_alpha[..., 1]
@@ -63,3 +77,13 @@ def _grey(image: Image.Image) -> np.ndarray:
     colour = np.asarray(image, dtype=np.float64) / 255.0
     grey = luma(colour)
     return grey * colour[..., 3] if image.mode == "RGBA" else grey
+
+
+def _grey_full_scale(values: np.ndarray, mode: str, info: ImageInfo | None) -> float:
+    """2^sBIT - 1 for unscaled significant bits (nothing above them is set), else the mode's full scale."""
+    container_bits = _CONTAINER_BITS.get(mode)
+    significant = info.bits_stored if info is not None and info.format == "png" else None
+    if container_bits is None or significant is None or significant >= container_bits:
+        return _GREY_FULL_SCALE[mode]
+    full_scale = float((1 << significant) - 1)
+    return full_scale if values.max() <= full_scale else _GREY_FULL_SCALE[mode]
