@@ -37,3 +37,8 @@ def blob_key(blob_ref: str) -> str:
 
 def idempotency_key(model: str, key: str) -> str:
     return f"{PREFIX}:idem:{model}:{key}"
+
+
+def dead_letter_queue_for(queue: str) -> str:
+    """RabbitMQ only: where a queue's messages go once delivered too often (`x-delivery-limit`)."""
+    return f"{queue}.dead"
