@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     api_url: str = Field(default="http://127.0.0.1:8000", description="Where clients find the HTTP API.")
     broker_url: SecretStr | None = Field(
         default=None,
-        description="Where Celery's messages go: redis://, rediss://, sentinel:// or amqp:// (RabbitMQ). Unset: the "
+        description="Where Celery's messages go: redis://, rediss:// or amqp:// (RabbitMQ). Unset: the "
         "Redis URL. Job records and blobs always stay in Redis.",
     )
     broker_delivery_limit: int = Field(

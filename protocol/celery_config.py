@@ -72,7 +72,6 @@ BrokerKind = Literal["redis", "amqp"]
 _BROKER_SCHEMES: dict[str, BrokerKind] = {
     "redis": "redis",
     "rediss": "redis",
-    "sentinel": "redis",
     "amqp": "amqp",
     "amqps": "amqp",
     "pyamqp": "amqp",
@@ -83,7 +82,7 @@ def broker_kind(url: str) -> BrokerKind:
     """Which engine a broker URL names; anything else is refused before a worker starts on it."""
     scheme = url.partition("://")[0].lower()
     if scheme not in _BROKER_SCHEMES:
-        raise InvalidRequest(f"broker_url must be redis://, rediss://, sentinel:// or amqp://, got {scheme!r}://")
+        raise InvalidRequest(f"broker_url must be redis://, rediss:// or amqp://, got {scheme!r}://")
     return _BROKER_SCHEMES[scheme]
 
 

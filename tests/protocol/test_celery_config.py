@@ -66,7 +66,7 @@ def test_rabbitmq_gets_quorum_queues_with_a_delivery_limit_and_a_dead_letter_que
 
 @pytest.mark.parametrize(
     ("url", "kind"),
-    [("redis://x", "redis"), ("rediss://x", "redis"), ("sentinel://x", "redis"), ("amqp://x", "amqp"),
+    [("redis://x", "redis"), ("rediss://x", "redis"), ("amqp://x", "amqp"),
      ("amqps://x", "amqp"), ("pyamqp://x", "amqp")],
 )  # fmt: skip
 def test_broker_kind_follows_the_url_scheme(url: str, kind: str) -> None:
@@ -76,3 +76,5 @@ def test_broker_kind_follows_the_url_scheme(url: str, kind: str) -> None:
 def test_an_unknown_broker_scheme_is_refused_with_the_scheme_named() -> None:
     with pytest.raises(InvalidRequest, match="'sqs'"):
         celery_config(Settings(broker_url="sqs://queue"), REGISTRY)
+    with pytest.raises(InvalidRequest, match="'sentinel'"):
+        celery_config(Settings(broker_url="sentinel://s1:26379"), REGISTRY)
