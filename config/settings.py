@@ -46,6 +46,17 @@ class Settings(BaseSettings):
         "demo starts a private Redis.",
     )
     api_url: str = Field(default="http://127.0.0.1:8000", description="Where clients find the HTTP API.")
+    broker_url: SecretStr | None = Field(
+        default=None,
+        description="Where Celery's messages go: redis://, rediss:// or amqp:// (RabbitMQ). Unset: the "
+        "Redis URL. Job records and blobs always stay in Redis.",
+    )
+    broker_delivery_limit: int = Field(
+        default=5,
+        gt=0,
+        description="RabbitMQ only: deliveries of one message before it is dead-lettered to the model's `.dead` "
+        "queue, so a job that kills its worker every time cannot loop forever.",
+    )
 
     # --- models
     registry_path: Path = Field(default=DEFAULT_REGISTRY_PATH, description="The model registry (TOML).")
@@ -124,6 +135,10 @@ class Settings(BaseSettings):
     @property
     def redis_url_or_default(self) -> str:
         return self.redis_url.get_secret_value() if self.redis_url else DEFAULT_REDIS_URL
+
+    @property
+    def broker_url_or_default(self) -> str:
+        return self.broker_url.get_secret_value() if self.broker_url else self.redis_url_or_default
 
     def resolve_weights(self, relative: str) -> Path:
         path = Path(relative).expanduser()

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 
 import redis
 from celery import Celery
+from kombu import Connection
 from kombu.exceptions import OperationalError
 
 from config import Settings
+from protocol.celery_config import broker_kind
 from protocol.connections import Stores
 from protocol.errors import BackendUnavailable, InvalidRequest
 from protocol.intake import FileUpload, TensorUpload, ValidatedInput, validate_input
@@ -111,6 +113,8 @@ class JobSubmitter:
 
     def queue_depths(self) -> dict[str, int]:
         """Messages waiting per model, summed over kombu's priority lists."""
+        if broker_kind(self._settings.broker_url_or_default) == "amqp":
+            return self._amqp_queue_depths()
         lists = {model: queue_lists(spec.queue_name) for model, spec in self._registry.items()}
         pipe = self._stores.text.pipeline()
         for names in lists.values():
@@ -118,3 +122,22 @@ class JobSubmitter:
                 pipe.llen(name)
         counts = iter(pipe.execute())
         return {model: sum(next(counts) for _ in names) for model, names in lists.items()}
+
+    def _amqp_queue_depths(self) -> dict[str, int]:
+        """Ready messages per model, from a passive declare (it reads the count and creates nothing)."""
+        with self._celery.connection_for_read() as connection:
+            try:
+                return {model: _ready_messages(connection, spec.queue_name) for model, spec in self._registry.items()}
+            except (*connection.connection_errors, OperationalError) as e:
+                raise BackendUnavailable("the broker does not answer") from e
+
+
+def _ready_messages(connection: Connection, queue: str) -> int:
+    channel = connection.channel()
+    try:
+        return int(channel.queue_declare(queue=queue, passive=True).message_count)
+    except connection.channel_errors:
+        return 0  # not declared yet: no worker started and no job sent, so nothing waits
+    finally:
+        with contextlib.suppress(*connection.channel_errors, *connection.connection_errors):
+            channel.close()

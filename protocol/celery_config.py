@@ -5,14 +5,14 @@ Producers use the app to send tasks by name; workers register the tasks on it; F
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from celery import Celery
 from kombu import Exchange, Queue
 
 from config import Settings
 from protocol.errors import InvalidRequest
-from protocol.keys import CALLBACK_QUEUE, CALLBACK_TASK, queue_for, task_name_for
+from protocol.keys import CALLBACK_QUEUE, CALLBACK_TASK, dead_letter_queue_for, queue_for, task_name_for
 from protocol.registry import ModelSpec, Registry
 
 # Jobs one worker process holds at once, by default: one batch computing and the next one filling.
@@ -33,7 +33,7 @@ def _queue(name: str) -> Queue:
 
 def celery_config(settings: Settings, registry: Registry) -> dict[str, Any]:
     """Every value that differs from Celery's default, with the reason."""
-    url = settings.redis_url_or_default
+    broker_url = settings.broker_url_or_default
     longest_s = max(spec.hard_limit_s for spec in registry.values())
     if settings.broker_visibility_timeout_s <= longest_s:
         raise InvalidRequest(
@@ -41,7 +41,7 @@ def celery_config(settings: Settings, registry: Registry) -> dict[str, Any]:
             f"limit ({longest_s}), or Redis redelivers jobs that are still running"
         )
     return {
-        "broker_url": url,
+        "broker_url": broker_url,
         # No result backend: the job record is the source of truth, and writing Celery's copy cost a round trip.
         "task_ignore_result": True,
         # JSON only, in messages and events: no Python object serialization anywhere.
@@ -61,7 +61,6 @@ def celery_config(settings: Settings, registry: Registry) -> dict[str, Any]:
             CALLBACK_TASK: {"queue": CALLBACK_QUEUE},
             **{task_name_for(name): {"queue": queue_for(spec.queue_name)} for name, spec in registry.items()},
         },
-        "task_queues": [_queue(spec.queue_name) for spec in registry.values()] + [_queue(CALLBACK_QUEUE)],
         "task_default_queue": queue_for(next(iter(registry.values())).queue_name),
         # Flower shows tasks from events: workers send them, producers announce each task sent.
         "worker_send_task_events": True,
@@ -71,6 +70,79 @@ def celery_config(settings: Settings, registry: Registry) -> dict[str, Any]:
         # Threads cannot be cancelled; on a lost connection, running jobs finish and leases protect the rest.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "broker_connection_retry_on_startup": True,
+        **broker_options(settings, registry),
+    }
+
+
+BrokerKind = Literal["redis", "amqp"]
+_BROKER_SCHEMES: dict[str, BrokerKind] = {
+    "redis": "redis",
+    "rediss": "redis",
+    "amqp": "amqp",
+    "amqps": "amqp",
+    "pyamqp": "amqp",
+}
+
+
+def broker_kind(url: str) -> BrokerKind:
+    """Which engine a broker URL names; anything else is refused before a worker starts on it."""
+    scheme = url.partition("://")[0].lower()
+    if scheme not in _BROKER_SCHEMES:
+        raise InvalidRequest(f"broker_url must be redis://, rediss:// or amqp://, got {scheme!r}://")
+    return _BROKER_SCHEMES[scheme]
+
+
+class _QuorumQueue(Queue):
+    """A quorum queue that declares its dead-letter queue first, wherever Celery declares it (worker start,
+    publish): RabbitMQ silently drops messages dead-lettered to a queue that does not exist."""
+
+    # kombu copies a queue from its `attrs` (each binding to a channel is a copy), so the link is one of them.
+    attrs = (*Queue.attrs, ("dead_letter", None))  # type: ignore[assignment]  # one more entry than kombu's
+    dead_letter: Queue | None = None
+
+    def declare(self, nowait: bool = False, channel: Any = None) -> str:
+        if self.dead_letter is not None:
+            self.dead_letter.declare(nowait=nowait, channel=channel or self.channel)
+        return str(super().declare(nowait=nowait, channel=channel))
+
+
+def _amqp_queue(name: str, *, delivery_limit: int) -> Queue:
+    queue = queue_for(name)
+    dead = dead_letter_queue_for(queue)
+    # Quorum queues are replicated and count deliveries: a message redelivered `delivery_limit` times (a job that
+    # kills its worker) goes to `<queue>.dead` through the default exchange instead of looping forever. A topic
+    # exchange with the queue's own key routes like a direct one and lets Celery's native delayed delivery (used
+    # for countdowns on quorum queues) bind the queue.
+    return _QuorumQueue(
+        queue,
+        Exchange(queue, type="topic"),
+        routing_key=queue,
+        queue_arguments={
+            "x-queue-type": "quorum",
+            "x-delivery-limit": delivery_limit,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": dead,
+        },
+        dead_letter=Queue(dead, queue_arguments={"x-queue-type": "quorum"}),
+    )
+
+
+def _queue_names(registry: Registry) -> list[str]:
+    """Every model's queue, then the callbacks' own."""
+    return [spec.queue_name for spec in registry.values()] + [CALLBACK_QUEUE]
+
+
+def broker_options(settings: Settings, registry: Registry) -> dict[str, Any]:
+    """The queues, and what differs per broker kind; Redis keeps the queues of `_queue` unchanged."""
+    if broker_kind(settings.broker_url_or_default) == "redis":
+        return {"task_queues": [_queue(name) for name in _queue_names(registry)]}
+    limit = settings.broker_delivery_limit
+    return {
+        "task_queues": [_amqp_queue(name, delivery_limit=limit) for name in _queue_names(registry)],
+        # Quorum queues refuse a global prefetch; Celery then sets it per consumer (its default, said explicitly).
+        "worker_detect_quorum_queues": True,
+        # Publisher confirms: a 202 means RabbitMQ has stored the message, not merely that it left the socket.
+        "broker_transport_options": {"confirm_publish": True},
     }
 
 

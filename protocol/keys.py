@@ -85,3 +85,8 @@ def consumers_key(queue: str) -> str:
 
 def reconciler_lock_key() -> str:
     return f"{PREFIX}:reconciler:lock"
+
+
+def dead_letter_queue_for(queue: str) -> str:
+    """RabbitMQ only: where a queue's messages go once delivered too often (`x-delivery-limit`)."""
+    return f"{queue}.dead"

@@ -4,6 +4,7 @@ the HTTP API in a subprocess. Started once per session; its logs are printed whe
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import pytest
 
 from config import DEFAULT_REGISTRY_PATH, Settings
 from producers.client import InferqClient
+from producers.rabbitmq_server import EmbeddedRabbitMQ, find_rabbitmq_server
 from producers.redis_server import EmbeddedRedis, free_port
 from producers.samples import write_samples
 from producers.stack import ServiceStack
@@ -84,10 +86,50 @@ def stack(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory)
         services.stop()
 
 
+@pytest.fixture(scope="session")
+def rabbitmq_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """INFERQ_TEST_AMQP_URL when given, else a private RabbitMQ; skips only where no rabbitmq-server exists."""
+    given = os.environ.get("INFERQ_TEST_AMQP_URL")
+    if given:
+        yield given
+        return
+    if find_rabbitmq_server() is None or shutil.which("epmd") is None:
+        pytest.skip("RabbitMQ tests need Debian's rabbitmq-server (or INFERQ_TEST_AMQP_URL): none on this machine")
+    with EmbeddedRabbitMQ(tmp_path_factory.mktemp("rabbitmq")) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def stack_amqp(rabbitmq_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A second stack on RabbitMQ: its own Redis for job records and blobs, one worker, the API."""
+    tmp = tmp_path_factory.mktemp("stack-amqp")
+    api_port = free_port()
+    with EmbeddedRedis(tmp / "redis") as records:
+        env = {
+            **os.environ,
+            "INFERQ_REDIS_URL": records.url,
+            "INFERQ_BROKER_URL": rabbitmq_url,
+            "INFERQ_REGISTRY_PATH": str(_test_registry(tmp)),
+            "INFERQ_MODELS_DIR": str(Settings().models_dir),
+            "INFERQ_API_PORT": str(api_port),
+            "INFERQ_TORCH_THREADS": "1",
+        }
+        services = ServiceStack(env, tmp / "logs")
+        services.start("worker", "worker", "--pool", "cpu", "--models", "chest-xray,fraud", "--concurrency", "1")
+        services.start("api", "api")
+        api_url = f"http://127.0.0.1:{api_port}"
+        try:
+            services.wait_http(f"{api_url}/readyz", timeout_s=_READY_TIMEOUT_S)
+            yield Stack(api_url, env, services, write_samples(tmp / "samples"), tmp)
+        finally:
+            services.stop()
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     report = yield
-    stack = item.funcargs.get("stack") if hasattr(item, "funcargs") else None
+    funcargs = item.funcargs if hasattr(item, "funcargs") else {}
+    stack = funcargs.get("stack") or funcargs.get("stack_amqp")
     if report.failed and isinstance(stack, Stack):
         for name in stack.services.processes:
             report.sections.append((f"{name} log (tail)", stack.services.log_of(name)[-6000:]))

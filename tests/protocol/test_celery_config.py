@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from config import DEFAULT_REGISTRY_PATH, Settings
-from protocol.celery_config import build_celery, celery_config
+from protocol.celery_config import broker_kind, build_celery, celery_config
 from protocol.errors import InvalidRequest
 from protocol.registry import load_registry
 
@@ -43,3 +45,43 @@ def test_each_model_has_its_own_queue_and_route() -> None:
 def test_the_visibility_timeout_must_outlast_every_time_limit() -> None:
     with pytest.raises(InvalidRequest, match="visibility"):
         celery_config(Settings(broker_visibility_timeout_s=60), REGISTRY)
+
+
+def test_the_broker_defaults_to_redis_and_records_stay_in_redis() -> None:
+    conf = celery_config(Settings(redis_url="redis://h:6379/2"), REGISTRY)
+    assert conf["broker_url"] == conf["result_backend"] == "redis://h:6379/2"
+    assert [q.queue_arguments for q in conf["task_queues"]] == [None, None]
+    assert conf["broker_transport_options"] == {"visibility_timeout": Settings().broker_visibility_timeout_s}
+
+
+def test_rabbitmq_gets_quorum_queues_with_a_delivery_limit_and_a_dead_letter_queue() -> None:
+    settings = Settings(redis_url="redis://h:6379/0", broker_url="amqp://u:p@rabbit:5672//", broker_delivery_limit=3)
+    conf = celery_config(settings, REGISTRY)
+    assert conf["broker_url"] == "amqp://u:p@rabbit:5672//" and conf["result_backend"] == "redis://h:6379/0"
+    assert conf["worker_detect_quorum_queues"] and conf["broker_transport_options"] == {"confirm_publish": True}
+    fraud = {q.name: q for q in conf["task_queues"]}["fraud"]
+    assert fraud.queue_arguments == {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": 3,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": "fraud.dead",
+    }
+    assert (fraud.exchange.name, fraud.exchange.type, fraud.routing_key) == ("fraud", "topic", "fraud")
+    # kombu copies queues when it binds them; the dead-letter queue must survive the copy to be declared.
+    assert copy.copy(fraud).dead_letter.name == "fraud.dead"
+
+
+@pytest.mark.parametrize(
+    ("url", "kind"),
+    [("redis://x", "redis"), ("rediss://x", "redis"), ("amqp://x", "amqp"),
+     ("amqps://x", "amqp"), ("pyamqp://x", "amqp")],
+)  # fmt: skip
+def test_broker_kind_follows_the_url_scheme(url: str, kind: str) -> None:
+    assert broker_kind(url) == kind
+
+
+def test_an_unknown_broker_scheme_is_refused_with_the_scheme_named() -> None:
+    with pytest.raises(InvalidRequest, match="'sqs'"):
+        celery_config(Settings(broker_url="sqs://queue"), REGISTRY)
+    with pytest.raises(InvalidRequest, match="'sentinel'"):
+        celery_config(Settings(broker_url="sentinel://s1:26379"), REGISTRY)

@@ -1,4 +1,4 @@
-"""The dynamic batcher with real models and a real job store: batched equals alone, failures and cancels stay per job."""
+"""The dynamic batcher with real models and a real job store: batched equals alone; failures, cancels stay per job."""
 
 from __future__ import annotations
 

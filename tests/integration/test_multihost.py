@@ -1,0 +1,191 @@
+"""Workers on other hosts: three network namespaces stand in for three machines. Redis and the API run on one,
+a worker on each of the other two; the workers know nothing but the broker's address. One worker host loses its
+network in the middle of a run, and every job still ends: the other host takes the queue, and the jobs the lost
+host held are recovered once it is gone."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import pytest
+
+from config import Settings
+from producers.cli import main as cli_main
+from producers.client import FINAL_STATUSES, InferqClient
+from producers.redis_server import find_redis_server
+from producers.samples import write_samples
+from producers.stack import ServiceStack
+from tests.integration.netns import NamespacesRefused, NetworkLab
+
+pytestmark = pytest.mark.slow
+
+_REDIS_PORT = 6379  # each namespace has its own ports, so the usual ones are free
+_API_PORT = 8000
+_READY_TIMEOUT_S = 180.0
+_JOB_TIMEOUT_S = 300.0
+_RECOVERY_TIMEOUT_S = 240.0
+
+
+@dataclass
+class Hosts:
+    lab: NetworkLab
+    api_url: str
+    stacks: dict[str, ServiceStack]
+    samples: list[Path]
+
+    def worker_log(self, host: str) -> str:
+        return self.stacks[host].log_of("worker")
+
+
+def _base_env(tmp: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "INFERQ_MODELS_DIR": str(Settings().models_dir),
+        "INFERQ_TORCH_THREADS": "1",
+        "INFERQ_DATA_DIR": str(tmp),
+    }
+
+
+def _start_core(lab: NetworkLab, tmp: Path) -> ServiceStack:
+    env = {**_base_env(tmp), "INFERQ_REDIS_URL": f"redis://127.0.0.1:{_REDIS_PORT}/0"}
+    core = ServiceStack(env, tmp / "core")
+    (tmp / "redis").mkdir()
+    redis_argv = [find_redis_server(), "--port", str(_REDIS_PORT), "--bind", "0.0.0.0", "--protected-mode", "no",
+                  "--save", "", "--dir", str(tmp / "redis")]  # fmt: skip
+    core.start_command("redis", lab.exec_argv(lab.core, redis_argv))
+    api_argv = [sys.executable, "-m", "producers.cli", "api", "--host", "0.0.0.0", "--port", str(_API_PORT)]
+    core.start_command("api", lab.exec_argv(lab.core, api_argv))
+    return core
+
+
+def _start_worker(lab: NetworkLab, host: str, tmp: Path) -> ServiceStack:
+    # The only thing a worker host is told: where the broker is, as that host sees it.
+    broker = f"redis://{lab.core_address_for(host)}:{_REDIS_PORT}/0"
+    stack = ServiceStack({**_base_env(tmp), "INFERQ_REDIS_URL": broker}, tmp / host)
+    argv = [sys.executable, "-m", "producers.cli", "worker", "--pool", "cpu", "--models", "chest-xray",
+            "--concurrency", "1"]  # fmt: skip
+    stack.start_command("worker", lab.exec_argv(host, argv))
+    return stack
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
+    tmp = tmp_path_factory.mktemp("multihost")
+    lab = NetworkLab()
+    stacks: dict[str, ServiceStack] = {}
+    try:
+        try:
+            lab.build(worker_hosts=2)
+        except NamespacesRefused as e:
+            pytest.skip(f"the kernel refuses network namespaces here (needs root or CAP_NET_ADMIN): {e}")
+        stacks[lab.core] = _start_core(lab, tmp)
+        for index in (1, 2):
+            stacks[lab.host(index)] = _start_worker(lab, lab.host(index), tmp)
+        core_address = lab.core_address_for("root")
+        hosts = Hosts(
+            lab=lab,
+            api_url=f"http://{core_address}:{_API_PORT}",
+            stacks=stacks,
+            samples=write_samples(tmp / "samples"),
+        )
+        stacks[lab.core].wait_http(f"{hosts.api_url}/readyz", timeout_s=_READY_TIMEOUT_S)
+        for index in (1, 2):
+            _wait_for_log(stacks[lab.host(index)], "worker", re.compile(r"\bready\."), _READY_TIMEOUT_S)
+        yield hosts
+    finally:
+        for stack in stacks.values():
+            stack.stop()
+        lab.remove()
+
+
+def _wait_for_log(stack: ServiceStack, name: str, pattern: re.Pattern[str], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pattern.search(stack.log_of(name)):
+            return
+        assert name not in stack.dead(), stack.log_of(name)[-4000:]
+        time.sleep(0.05)
+    raise AssertionError(f"{name} never logged {pattern.pattern!r}:\n{stack.log_of(name)[-4000:]}")
+
+
+def _submit(hosts: Hosts, count: int) -> list[str]:
+    with InferqClient(hosts.api_url) as client:
+        return [client.submit("chest-xray", hosts.samples[i % len(hosts.samples)]) for i in range(count)]
+
+
+def _statuses(hosts: Hosts, job_ids: list[str]) -> dict[str, str]:
+    with InferqClient(hosts.api_url) as client:
+        return {job_id: client.status(job_id)["status"] for job_id in job_ids}
+
+
+def _wait_final(hosts: Hosts, job_ids: list[str], timeout_s: float) -> dict[str, str]:
+    """Poll until every job is final or `timeout_s` passed; the last statuses either way."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        statuses = _statuses(hosts, job_ids)
+        if all(s in FINAL_STATUSES for s in statuses.values()) or time.monotonic() > deadline:
+            return statuses
+        time.sleep(0.5)
+
+
+def _ran_on(hosts: Hosts, host: str, job_ids: list[str]) -> set[str]:
+    log = hosts.worker_log(host)
+    return {job_id for job_id in job_ids if f"[{job_id}] succeeded" in log}
+
+
+def _cli_has(command: str) -> bool:
+    assert isinstance(cli_main, click.Group)
+    return command in cli_main.commands
+
+
+def test_workers_on_two_hosts_share_the_jobs(hosts: Hosts) -> None:
+    lab = hosts.lab
+    job_ids = _submit(hosts, 8)
+    statuses = _wait_final(hosts, job_ids, _JOB_TIMEOUT_S)
+    assert set(statuses.values()) == {"succeeded"}, statuses
+    # Both hosts served jobs, and each job ran on exactly one of them.
+    first, second = (_ran_on(hosts, lab.host(i), job_ids) for i in (1, 2))
+    assert first and second, (first, second)
+    assert first | second == set(job_ids) and not first & second
+
+
+def test_a_worker_host_cut_off_mid_run_loses_no_job(hosts: Hosts) -> None:
+    lab = hosts.lab
+    lost_host, other_host = lab.host(1), lab.host(2)
+    # Given a backlog that both hosts are working through
+    job_ids = _submit(hosts, 12)
+    # When the first host has taken one of these jobs, its network goes: no packet in or out, no RST
+    taken = re.compile("|".join(rf"\[{job_id}\] received" for job_id in job_ids))
+    _wait_for_log(hosts.stacks[lost_host], "worker", taken, _JOB_TIMEOUT_S)
+    lab.cut(lost_host)
+    log = hosts.worker_log(lost_host)
+    held = [j for j in job_ids if f"[{j}] received" in log and f"[{j}] succeeded" not in log]
+    # The cut host holds the jobs it had taken (a worker process holds up to a batch and the next one).
+    assert held, held
+    # Then the other host drains the queue: every job the cut host did not hold succeeds there
+    others = [j for j in job_ids if j not in held]
+    statuses = _wait_final(hosts, others, _JOB_TIMEOUT_S)
+    assert set(statuses.values()) == {"succeeded"}, statuses
+    assert set(others) - _ran_on(hosts, lost_host, others) <= _ran_on(hosts, other_host, others)
+    assert set(_statuses(hosts, held).values()) <= {"queued", "running"}
+    # And once the cut host is gone for good (powered off), the job it held is recovered
+    for process in hosts.stacks[lost_host].processes.values():
+        os.killpg(process.pid, signal.SIGKILL)
+    if not _cli_has("reconciler"):
+        # Celery on Redis redelivers an unacknowledged message only after the visibility timeout (hours), and the
+        # job record stays `running`; re-publishing jobs whose lease lapsed is the reconciler's work.
+        pytest.xfail("`inferq reconciler` is not in this branch's CLI yet: nothing re-publishes the cut host's job")
+    hosts.stacks[lab.core].start_command(
+        "reconciler", lab.exec_argv(lab.core, [sys.executable, "-m", "producers.cli", "reconciler"])
+    )
+    recovered = _wait_final(hosts, held, _RECOVERY_TIMEOUT_S)
+    assert set(recovered.values()) == {"succeeded"}, recovered
+    assert set(held) <= _ran_on(hosts, other_host, held)
