@@ -31,6 +31,7 @@ from protocol.keys import (
     CALLBACK_QUEUE,
     CALLBACK_TASK,
     KOMBU_UNACKED_HASH,
+    KOMBU_UNACKED_INDEX,
     job_key,
     leases_key,
     published_key,
@@ -144,16 +145,19 @@ class Reconciler:
         return status == "queued" and score is not None and float(score) <= cutoff_s
 
     def _ids_in_broker(self) -> set[str]:
-        """Task ids of every message waiting in a model queue or held unacknowledged by a worker."""
+        """Task ids of every message waiting in a model queue, or delivered to a worker within the check period."""
         text = self._stores.text
         pipe = text.pipeline(transaction=False)
         for spec in self._registry.values():
             for name in queue_lists(spec.queue_name):
                 pipe.lrange(name, 0, -1)
-        pipe.hvals(KOMBU_UNACKED_HASH)
-        *lists, unacked = pipe.execute()
+        pipe.hgetall(KOMBU_UNACKED_HASH)
+        # A worker starts a job the moment it receives it; a message delivered longer ago whose job is still queued
+        # sits with a worker that died or was cut off, and comes back only after the visibility timeout (hours).
+        pipe.zrangebyscore(KOMBU_UNACKED_INDEX, time.time() - self._settings.lost_message_check_s, "+inf")
+        *lists, unacked, recent = pipe.execute()
         ids = {_message_id(raw) for messages in lists for raw in messages}
-        ids |= {_message_id(raw, envelope=True) for raw in unacked}
+        ids |= {_message_id(unacked[tag], envelope=True) for tag in recent if tag in unacked}
         return ids
 
     def publish(self, job_id: str) -> bool:

@@ -15,6 +15,8 @@ KOMBU_PRIORITY_SEPARATOR = "\x06\x16"
 KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
 # kombu's Redis transport: delivered but unacknowledged messages, by delivery tag.
 KOMBU_UNACKED_HASH = "unacked"
+# ... and their delivery times (epoch seconds, the worker's clock), by delivery tag.
+KOMBU_UNACKED_INDEX = "unacked_index"
 
 
 def queue_for(model: str) -> str:

@@ -49,15 +49,15 @@ def test_the_visibility_timeout_must_outlast_every_time_limit() -> None:
 
 def test_the_broker_defaults_to_redis_and_records_stay_in_redis() -> None:
     conf = celery_config(Settings(redis_url="redis://h:6379/2"), REGISTRY)
-    assert conf["broker_url"] == conf["result_backend"] == "redis://h:6379/2"
-    assert [q.queue_arguments for q in conf["task_queues"]] == [None, None]
+    assert conf["broker_url"] == "redis://h:6379/2" and "result_backend" not in conf
+    assert [q.queue_arguments for q in conf["task_queues"]] == [None, None, None]
     assert conf["broker_transport_options"] == {"visibility_timeout": Settings().broker_visibility_timeout_s}
 
 
 def test_rabbitmq_gets_quorum_queues_with_a_delivery_limit_and_a_dead_letter_queue() -> None:
     settings = Settings(redis_url="redis://h:6379/0", broker_url="amqp://u:p@rabbit:5672//", broker_delivery_limit=3)
     conf = celery_config(settings, REGISTRY)
-    assert conf["broker_url"] == "amqp://u:p@rabbit:5672//" and conf["result_backend"] == "redis://h:6379/0"
+    assert conf["broker_url"] == "amqp://u:p@rabbit:5672//" and "result_backend" not in conf
     assert conf["worker_detect_quorum_queues"] and conf["broker_transport_options"] == {"confirm_publish": True}
     fraud = {q.name: q for q in conf["task_queues"]}["fraud"]
     assert fraud.queue_arguments == {
