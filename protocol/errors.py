@@ -15,7 +15,8 @@
     │   └── JobNotCancellable        409 job_not_cancellable
     ├── TransientError               the system had a bad moment: retried with backoff, HTTP 503
     │   ├── BackendUnavailable       503 backend_unavailable
-    │   └── BlobMissing              410 blob_missing (the upload expired before it was read)
+    │   ├── BlobMissing              410 blob_missing (the upload expired before it was read)
+    │   └── QueueFull                429 queue_full (the model's queue is at max_queue_depth)
     ├── ModelError                   the model could not answer: job `failed`
         ├── ModelLoadError           500 model_load_error (also a worker that refuses to start)
         ├── ChecksumMismatch         500 checksum_mismatch
@@ -203,3 +204,10 @@ def error_payload(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, InferqError):
         return exc.to_dict()
     return {"code": InferqError.code, "message": "internal error while processing the job", "retryable": False}
+
+
+class QueueFull(TransientError):
+    """The model's queue holds `max_queue_depth` jobs already: nothing was enqueued; try again later."""
+
+    code = "queue_full"
+    http_status = 429

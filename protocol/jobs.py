@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -20,7 +22,7 @@ from typing import Any
 import redis
 
 from protocol.errors import JobNotCancellable, UnknownJob
-from protocol.keys import blob_key, idempotency_key, job_key
+from protocol.keys import blob_key, done_channel, idempotency_key, job_key
 
 
 class JobStatus(StrEnum):
@@ -57,7 +59,8 @@ _CREATE = f"""
 {_NOW}
 if KEYS[2] ~= KEYS[1] then
   local existing = redis.call('GET', KEYS[2])
-  if existing then return existing end
+  -- A key whose job record is gone (expired, or discarded after a failed publish) makes a new job, never a 404.
+  if existing and redis.call('EXISTS', '{job_key("")}' .. existing) == 1 then return existing end
   redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
 end
 redis.call('HSET', KEYS[1], 'submitted_at', now, 'expires_at', tonumber(now) + tonumber(ARGV[2]))
@@ -66,7 +69,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return ARGV[1]
 """
 
-# KEYS: job. ARGV: the error for an expired job, keep ttl. A running job claimed again was redelivered.
+# KEYS: job. ARGV: the error for an expired job, keep ttl, job id. A running job claimed again was redelivered.
 _CLAIM = f"""
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
@@ -74,6 +77,7 @@ if not status then return 'missing' end
 if status == 'queued' and tonumber(now) > tonumber(redis.call('HGET', KEYS[1], 'expires_at')) then
   redis.call('HSET', KEYS[1], 'status', 'expired', 'finished_at', now, 'error', ARGV[1])
   redis.call('EXPIRE', KEYS[1], ARGV[2])
+  redis.call('PUBLISH', '{done_channel()}', ARGV[3])
   return 'expired'
 end
 if status == 'queued' or status == 'running' then
@@ -84,7 +88,7 @@ end
 return status
 """
 
-# KEYS: job, blob. ARGV: from-status, to-status, result json, error json, keep ttl.
+# KEYS: job, blob. ARGV: from-status, to-status, result json, error json, keep ttl, job id.
 _FINISH = f"""
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
@@ -93,8 +97,44 @@ if status ~= ARGV[1] then return status end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', now, 'result', ARGV[3], 'error', ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('PUBLISH', '{done_channel()}', ARGV[6])
 return 'ok'
 """
+
+
+# KEYS: job, idempotency (or the job key again), blob. ARGV: job id. Only a job no worker has touched is removed.
+_DISCARD = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status and status ~= 'queued' then return status end
+if KEYS[2] ~= KEYS[1] and redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+redis.call('DEL', KEYS[1], KEYS[3])
+return 'discarded'
+"""
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """One job of `JobStore.create_many`: its record fields, idempotency key, and the blob for `fields['blob_ref']`."""
+
+    job_id: str
+    fields: dict[str, str]
+    idempotency: str | None = None
+    blob: bytes | None = None
+
+
+def _view_of(job_id: str, f: dict[str, str]) -> dict[str, Any]:
+    return {
+        "job_id": job_id,
+        "model": f.get("model"),
+        "model_version": f.get("model_version"),
+        "status": f.get("status"),
+        "submitted_at": _iso(f.get("submitted_at")),
+        "started_at": _iso(f.get("started_at")),
+        "finished_at": _iso(f.get("finished_at")),
+        "attempts": int(f.get("attempts", "0")),
+        "result": _json_or_none(f.get("result")),
+        "error": _json_or_none(f.get("error")),
+    }
 
 
 class JobStore:
@@ -109,16 +149,21 @@ class JobStore:
         self._create = redis_client.register_script(_CREATE)
         self._claim = redis_client.register_script(_CLAIM)
         self._finish = redis_client.register_script(_FINISH)
+        self._discard = redis_client.register_script(_DISCARD)
 
     def create(self, job_id: str, fields: dict[str, str], *, idempotency: str | None = None) -> str:
         """Store a queued job; returns its id, or the id of the job already stored under the idempotency key."""
-        model = fields["model"]
-        idem = idempotency_key(model, idempotency) if idempotency else job_key(job_id)
+        keys, args = self._create_call(job_id, fields, idempotency)
+        return str(self._create(keys=keys, args=args))
+
+    def _create_call(
+        self, job_id: str, fields: dict[str, str], idempotency: str | None
+    ) -> tuple[list[str], list[str | int]]:
+        idem = idempotency_key(fields["model"], idempotency) if idempotency else job_key(job_id)
         flat: list[str] = []
         for name, value in {**fields, "status": JobStatus.QUEUED.value, "attempts": "0"}.items():
             flat += [name, value]
-        keys = [job_key(job_id), idem]
-        return str(self._create(keys=keys, args=[job_id, self._queued_ttl_s, self._keep_ttl_s, *flat]))
+        return [job_key(job_id), idem], [job_id, self._queued_ttl_s, self._keep_ttl_s, *flat]
 
     def fields(self, job_id: str) -> dict[str, str]:
         stored: dict[str, str] = self._redis.hgetall(job_key(job_id))  # type: ignore[assignment]
@@ -128,23 +173,12 @@ class JobStore:
 
     def view(self, job_id: str) -> dict[str, Any]:
         """The job as clients see it."""
-        f = self.fields(job_id)
-        return {
-            "job_id": job_id,
-            "model": f.get("model"),
-            "model_version": f.get("model_version"),
-            "status": f.get("status"),
-            "submitted_at": _iso(f.get("submitted_at")),
-            "started_at": _iso(f.get("started_at")),
-            "finished_at": _iso(f.get("finished_at")),
-            "attempts": int(f.get("attempts", "0")),
-            "result": _json_or_none(f.get("result")),
-            "error": _json_or_none(f.get("error")),
-        }
+        return _view_of(job_id, self.fields(job_id))
 
     def claim(self, job_id: str, expired_error: dict[str, Any]) -> str:
         """Move a job to `running`; returns 'claimed', or why not: its final status, or 'missing'."""
-        return str(self._claim(keys=[job_key(job_id)], args=[json.dumps(expired_error), self._result_ttl_s]))
+        args: list[str | int] = [json.dumps(expired_error), self._result_ttl_s, job_id]
+        return str(self._claim(keys=[job_key(job_id)], args=args))
 
     def succeed(self, job_id: str, blob_ref: str, result: dict[str, Any]) -> str:
         return self._transition(job_id, blob_ref, JobStatus.RUNNING, JobStatus.SUCCEEDED, result=result)
@@ -175,5 +209,37 @@ class JobStore:
     ) -> str:
         keys = [job_key(job_id), blob_key(blob_ref)]
         payloads = [json.dumps(result) if result is not None else "", json.dumps(error) if error is not None else ""]
-        args = [source.value, target.value, *payloads, self._result_ttl_s]
+        args = [source.value, target.value, *payloads, self._result_ttl_s, job_id]
         return str(self._finish(keys=keys, args=args))
+
+    def create_many(self, jobs: Sequence[NewJob], *, blob_ttl_s: int) -> list[str]:
+        """Store the blobs and queued records of many jobs in one pipeline, with the same script as `create`;
+        returns each job's stored id in order (another job's id where its idempotency key was already used)."""
+        pipe = self._redis.pipeline(transaction=False)
+        with_blobs = [job for job in jobs if job.blob is not None]
+        for job in with_blobs:
+            pipe.set(blob_key(job.fields["blob_ref"]), job.blob, ex=blob_ttl_s)  # type: ignore[arg-type]
+        for job in jobs:
+            keys, args = self._create_call(job.job_id, job.fields, job.idempotency)
+            self._create(keys=keys, args=args, client=pipe)
+        stored = [str(job_id) for job_id in pipe.execute()[len(with_blobs) :]]
+        pairs = zip(jobs, stored, strict=True)
+        replayed = [blob_key(j.fields["blob_ref"]) for j, s in pairs if s != j.job_id and j.blob is not None]
+        if replayed:
+            self._redis.delete(*replayed)
+        return stored
+
+    def views(self, job_ids: Sequence[str]) -> list[dict[str, Any] | None]:
+        """Many jobs as clients see them, in one pipelined read; None where no such job exists."""
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(job_key(job_id))
+        return [_view_of(j, f) if f else None for j, f in zip(job_ids, pipe.execute(), strict=True)]
+
+    def discard_unsent(self, job_id: str, *, model: str, blob_ref: str, idempotency: str | None) -> str:
+        """Remove a job whose message never reached the broker: record, idempotency entry (if still ours) and
+        blob, so a retry with the same key makes a fresh job. Returns 'discarded', or the status of a job that a
+        worker already took (its message did arrive after all), which is then left alone."""
+        idem = idempotency_key(model, idempotency) if idempotency else job_key(job_id)
+        keys = [job_key(job_id), idem, blob_key(blob_ref)]
+        return str(self._discard(keys=keys, args=[job_id]))

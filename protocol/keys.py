@@ -37,3 +37,8 @@ def blob_key(blob_ref: str) -> str:
 
 def idempotency_key(model: str, key: str) -> str:
     return f"{PREFIX}:idem:{model}:{key}"
+
+
+def done_channel() -> str:
+    """The pub/sub channel on which every transition to a final state publishes the job id."""
+    return f"{PREFIX}:done"

@@ -92,6 +92,9 @@ class ModelSpec(_Frozen):
     time_limit_s: float = Field(default=60.0, gt=0)
     max_batch_size: int = Field(default=1, gt=0)
     batch_wait_ms: float = Field(default=0.0, ge=0)
+    max_queue_depth: int | None = Field(
+        default=None, ge=0, description="Past this many waiting jobs a submission is refused (429); 0 or unset: none."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -119,6 +122,7 @@ class ModelSpec(_Frozen):
             "input": self.input.model_dump(),
             "labels": list(self.labels),
             "time_limit_s": self.time_limit_s,
+            "max_queue_depth": self.max_queue_depth or None,
         }
 
 
