@@ -89,6 +89,9 @@ class Settings(BaseSettings):
         default=60.0, ge=0, description="Longest an HTTP request may wait for jobs (`wait_s`, `Prefer: wait`)."
     )
     max_bulk_jobs: int = Field(default=1000, gt=0, description="Most jobs in one bulk submission or status query.")
+    max_bulk_upload_bytes: int = Field(
+        default=256 * 1024 * 1024, gt=0, description="Largest multipart bulk upload, all its files together."
+    )
     unavailable_retry_after_s: int = Field(
         default=2, gt=0, description="`Retry-After` of a 503 answered while Redis or the broker is down."
     )
