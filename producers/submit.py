@@ -169,9 +169,13 @@ class JobSubmitter:
 
     def _send(self, spec: ModelSpec, job: NewJob, producer: Any) -> bool:
         try:
-            # By name: producers never import worker code. The job id doubles as the task id for Flower.
+            # By name: producers never import worker code. The job id doubles as the task id for Flower. The job
+            # record holds the result, so Celery's result backend is skipped: otherwise the producer subscribes to
+            # each task's result and, with the backend down, retries that for ~20 s before failing.
             args = [job.job_id, job.fields["blob_ref"]]
-            self._celery.send_task(task_name_for(spec.name), args=args, task_id=job.job_id, producer=producer)
+            self._celery.send_task(
+                task_name_for(spec.name), args=args, task_id=job.job_id, producer=producer, ignore_result=True
+            )
         except Exception as e:
             log.warning("enqueue failed for job %s: %s", job.job_id, type(e).__name__)
             return False
