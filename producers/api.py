@@ -18,7 +18,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from config import Settings
-from producers.bulk import JobsQuery, outcomes_of, read_file_items, read_tensor_items
+from producers.bulk import JobsQuery, outcomes_of, read_file_items, read_json_body, read_tensor_items
 from producers.submit import JobSubmitter, Receipt, SubmitItem, SubmitOptions
 from producers.waiting import CompletionHub, is_final, prefer_wait_s, wait_for_jobs
 from protocol.celery_config import build_celery
@@ -301,7 +301,7 @@ def _register_bulk_routes(app: FastAPI, state: ApiState) -> None:
         if content_type.startswith("multipart/form-data"):
             items = await read_file_items(request, state.settings, idempotency_key)
         elif content_type.startswith("application/json"):
-            items = read_tensor_items(await request.body(), state.settings, idempotency_key)
+            items = read_tensor_items(await read_json_body(request, state.settings), state.settings, idempotency_key)
         else:
             raise InvalidRequest("send application/json with 'jobs', or multipart/form-data with 'file' parts")
         readable = [item for item in items if isinstance(item, SubmitItem)]

@@ -106,6 +106,11 @@ async def _capped(request: Request, max_bytes: int) -> AsyncGenerator[bytes, Non
         yield chunk
 
 
+async def read_json_body(request: Request, settings: Settings) -> bytes:
+    """The whole JSON body, refused once it passes `max_bulk_upload_bytes` instead of after reading it all."""
+    return b"".join([chunk async for chunk in _capped(request, settings.max_bulk_upload_bytes)])
+
+
 async def read_file_items(request: Request, settings: Settings, header_key: str | None) -> list[ItemOrError]:
     """Several `file` parts; `priority` and `callback_url` apply to all, `idempotency_key` may be given once per
     file (in file order)."""

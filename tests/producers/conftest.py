@@ -62,6 +62,8 @@ def lone_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoneApi]:
             "INFERQ_API_PORT": str(port),
             "INFERQ_QUEUE_FULL_RETRY_AFTER_S": "1",
             "INFERQ_UNAVAILABLE_RETRY_AFTER_S": "1",
+            "INFERQ_MAX_BULK_JOBS": "5",
+            "INFERQ_MAX_BULK_UPLOAD_BYTES": "200000",
         }
         with ServiceStack(env, tmp / "logs") as services:
             services.start("api", "api")

@@ -63,3 +63,16 @@ def test_the_client_waits_as_retry_after_says_then_gets_through(api: LoneApi) ->
         # Then the client's retry came no sooner than Retry-After (1 s), not after its own 10 ms backoff
         assert time.monotonic() - started >= 1.0
     assert _queued_messages(api) == 1
+
+
+def test_bulk_requests_past_their_limits_are_refused_before_anything_is_stored(api: LoneApi) -> None:
+    url = f"{api.url}/v1/models/fraud/jobs/bulk"
+    too_many = httpx.post(url, json={"jobs": [{"inputs": fraud_example(rows=1)}] * 6}, timeout=30)
+    assert too_many.status_code == 422 and "at most 5 jobs" in too_many.json()["error"]["message"]
+    too_big = httpx.post(url, json={"jobs": [{"inputs": fraud_example(rows=200)}] * 5}, timeout=30)
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "payload_too_large"
+    files = [("file", (f"{i}.png", b"\x89PNG" + b"\x00" * 60_000)) for i in range(4)]
+    assert httpx.post(f"{api.url}/v1/models/chest-xray/jobs/bulk", files=files, timeout=30).status_code == 413
+    ids = [f"id{i}" for i in range(6)]
+    assert httpx.post(f"{api.url}/v1/jobs/query", json={"job_ids": ids}, timeout=30).status_code == 422
+    assert api.job_count() == 0
