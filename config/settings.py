@@ -127,6 +127,21 @@ class Settings(BaseSettings):
     # --- demo
     data_dir: Path = Field(default=Path(".inferq"), description="Private Redis data (AOF) and demo samples.")
 
+    # --- waiting, bulk submission and refusing load
+    max_wait_s: float = Field(
+        default=60.0, ge=0, description="Longest an HTTP request may wait for jobs (`wait_s`, `Prefer: wait`)."
+    )
+    max_bulk_jobs: int = Field(default=1000, gt=0, description="Most jobs in one bulk submission or status query.")
+    max_bulk_upload_bytes: int = Field(
+        default=256 * 1024 * 1024, gt=0, description="Largest multipart bulk upload, all its files together."
+    )
+    unavailable_retry_after_s: int = Field(
+        default=2, gt=0, description="`Retry-After` of a 503 answered while Redis or the broker is down."
+    )
+    queue_full_retry_after_s: int = Field(
+        default=5, gt=0, description="`Retry-After` of a 429 answered while a model's queue is at its maximum depth."
+    )
+
     @field_validator("registry_path", "models_dir", "data_dir")
     @classmethod
     def _expand(cls, value: Path) -> Path:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis
-from fastapi import FastAPI, Header, Request
+from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -18,11 +18,21 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from config import Settings
-from producers.submit import JobSubmitter, SubmitOptions
+from producers.bulk import JobsQuery, outcomes_of, read_file_items, read_json_body, read_tensor_items
+from producers.submit import JobSubmitter, Receipt, SubmitItem, SubmitOptions
+from producers.waiting import CompletionHub, is_final, prefer_wait_s, wait_for_jobs
 from protocol.celery_config import build_celery
 from protocol.codec import TensorPayload
 from protocol.connections import Stores, open_stores
-from protocol.errors import BackendUnavailable, InferqError, InvalidRequest, PayloadTooLarge, error_payload
+from protocol.errors import (
+    BackendUnavailable,
+    InferqError,
+    InvalidRequest,
+    PayloadTooLarge,
+    QueueFull,
+    UnknownJob,
+    error_payload,
+)
 from protocol.intake import FileUpload, TensorUpload
 from protocol.registry import Registry, load_registry
 
@@ -73,7 +83,7 @@ class JobView(BaseModel):
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 404, 409, 413, 415, 422, 503)
+    status: {"model": ErrorResponse} for status in (400, 404, 409, 413, 415, 422, 429, 503)
 }
 _SUBMIT_BODY = {
     "requestBody": {
@@ -105,16 +115,33 @@ class ApiState:
     registry: Registry
     stores: Stores
     submitter: JobSubmitter
+    hub: CompletionHub
+
+    async def read_jobs(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
+        return await run_in_threadpool(self.stores.jobs.views, job_ids)
+
+    async def wait_jobs(self, job_ids: list[str], wait_s: float, until: Literal["all", "any"] = "all") -> list[Any]:
+        capped_s = min(wait_s, self.settings.max_wait_s)
+        return await wait_for_jobs(self.hub, self.read_jobs, job_ids, wait_s=capped_s, until=until)
 
 
 def _error_response(status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": payload}, headers=headers)
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def _retry_after(exc: InferqError, settings: Settings) -> dict[str, str] | None:
+    """RFC 9110 `Retry-After` (seconds) on a refusal that a later retry may overcome."""
+    if isinstance(exc, QueueFull):
+        return {"Retry-After": str(settings.queue_full_retry_after_s)}
+    if exc.http_status == 503:
+        return {"Retry-After": str(settings.unavailable_retry_after_s)}
+    return None
+
+
+def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
     @app.exception_handler(InferqError)
     async def _inferq_error(_: Request, exc: InferqError) -> JSONResponse:
-        return _error_response(exc.http_status, exc.to_dict())
+        return _error_response(exc.http_status, exc.to_dict(), _retry_after(exc, settings))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -123,7 +150,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(redis.RedisError)
     async def _redis_error(_: Request, exc: redis.RedisError) -> JSONResponse:
         log.warning("redis error: %s", type(exc).__name__)
-        return _error_response(503, BackendUnavailable("the job store is unavailable; try again").to_dict())
+        unavailable = BackendUnavailable("the job store is unavailable; try again")
+        return _error_response(503, unavailable.to_dict(), _retry_after(unavailable, settings))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -202,7 +230,12 @@ def _register_job_routes(app: FastAPI, state: ApiState) -> None:
         summary="Submit a job: a file upload (image models) or OIP tensors as JSON (tensor models)",
     )
     async def submit_job(
-        model: str, request: Request, idempotency_key: str | None = Header(default=None)
+        model: str,
+        request: Request,
+        idempotency_key: str | None = Header(default=None),
+        prefer: str | None = Header(
+            default=None, description="RFC 7240 `wait=N`: answer 200 with the job if it ends within N seconds"
+        ),
     ) -> JSONResponse:
         state.registry.get_model(model)
         _check_length(request, state.settings)
@@ -220,21 +253,80 @@ def _register_job_routes(app: FastAPI, state: ApiState) -> None:
                 "body, or application/json with 'inputs'"
             )
         receipt = await run_in_threadpool(state.submitter.submit, model, upload, _options(fields, idempotency_key))
-        status_url = str(request.url_for("get_job", job_id=receipt.job_id))
-        accepted = JobAccepted(job_id=receipt.job_id, status=receipt.status, status_url=status_url)  # type: ignore[arg-type]
-        headers = {"Location": status_url}
-        if receipt.replayed:
-            headers["Idempotent-Replayed"] = "true"
-        return JSONResponse(status_code=202, content=accepted.model_dump(), headers=headers)
+        return await _accepted(state, request, receipt, prefer_wait_s(prefer))
 
     @app.get("/v1/jobs/{job_id}", response_model=JobView, responses=_ERRORS, name="get_job")
-    def get_job(job_id: str) -> dict[str, Any]:
-        return state.stores.jobs.view(job_id)
+    async def get_job(
+        job_id: str,
+        wait_s: float = Query(default=0.0, ge=0, description="Wait up to this long (capped) for the job to end"),
+    ) -> dict[str, Any]:
+        [view] = await state.wait_jobs([job_id], wait_s)
+        if view is None:
+            raise UnknownJob(f"no job with id {job_id!r}")
+        return dict(view)
 
     @app.delete("/v1/jobs/{job_id}", response_model=JobView, responses=_ERRORS, summary="Cancel a queued job")
     def cancel_job(job_id: str) -> dict[str, Any]:
         state.stores.jobs.cancel(job_id)
         return state.stores.jobs.view(job_id)
+
+
+async def _accepted(state: ApiState, request: Request, receipt: Receipt, wait_s: float | None) -> JSONResponse:
+    """202 with the job's address; with `Prefer: wait=N`, 200 with the job itself when it ends within N s."""
+    status_url = str(request.url_for("get_job", job_id=receipt.job_id))
+    headers = {"Location": status_url}
+    if receipt.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    if wait_s is not None:
+        capped_s = min(wait_s, state.settings.max_wait_s)
+        headers["Preference-Applied"] = f"wait={capped_s:g}"
+        [view] = await state.wait_jobs([receipt.job_id], capped_s)
+        if view is not None and is_final(view):
+            return JSONResponse(status_code=200, content=view, headers={**headers, "Content-Location": status_url})
+    accepted = JobAccepted(job_id=receipt.job_id, status=receipt.status, status_url=status_url)  # type: ignore[arg-type]
+    return JSONResponse(status_code=202, content=accepted.model_dump(), headers=headers)
+
+
+def _register_bulk_routes(app: FastAPI, state: ApiState) -> None:
+    @app.post(
+        "/v1/models/{model}/jobs/bulk",
+        responses=_ERRORS,
+        summary="Submit many jobs at once: JSON {'jobs': [...]} (tensor models) or several 'file' parts (image models)",
+    )
+    async def submit_bulk(
+        model: str, request: Request, idempotency_key: str | None = Header(default=None)
+    ) -> dict[str, Any]:
+        state.registry.get_model(model)
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            items = await read_file_items(request, state.settings, idempotency_key)
+        elif content_type.startswith("application/json"):
+            items = read_tensor_items(await read_json_body(request, state.settings), state.settings, idempotency_key)
+        else:
+            raise InvalidRequest("send application/json with 'jobs', or multipart/form-data with 'file' parts")
+        readable = [item for item in items if isinstance(item, SubmitItem)]
+        submitted = await run_in_threadpool(state.submitter.submit_many, model, readable) if readable else []
+        jobs = [_bulk_entry(request, outcome) for outcome in outcomes_of(items, submitted)]
+        accepted = sum("job_id" in job for job in jobs)
+        return {"accepted": accepted, "rejected": len(jobs) - accepted, "jobs": jobs}
+
+    @app.post("/v1/jobs/query", responses=_ERRORS, summary="Many jobs' states, waiting until all (or any) end")
+    async def query_jobs(query: JobsQuery) -> dict[str, Any]:
+        if len(query.job_ids) > state.settings.max_bulk_jobs:
+            raise InvalidRequest(f"a query holds at most {state.settings.max_bulk_jobs} job ids")
+        views = await state.wait_jobs(query.job_ids, query.wait_s, query.until)
+        jobs = [
+            view or {"job_id": job_id, "error": UnknownJob("no such job").to_dict()}
+            for job_id, view in zip(query.job_ids, views, strict=True)
+        ]
+        return {"pending": sum(not is_final(view) for view in views), "jobs": jobs}
+
+
+def _bulk_entry(request: Request, outcome: Receipt | InferqError) -> dict[str, Any]:
+    if isinstance(outcome, InferqError):
+        return {"error": outcome.to_dict()}
+    status_url = str(request.url_for("get_job", job_id=outcome.job_id))
+    return {"job_id": outcome.job_id, "status": outcome.status, "status_url": status_url, "replayed": outcome.replayed}
 
 
 def _register_model_routes(app: FastAPI, state: ApiState) -> None:
@@ -271,11 +363,14 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     )
     celery_app = build_celery(settings, registry)
     submitter = JobSubmitter(settings=settings, registry=registry, stores=stores, celery_app=celery_app)
-    state = ApiState(settings=settings, registry=registry, stores=stores, submitter=submitter)
+    hub = CompletionHub(settings.redis_url_or_default)
+    state = ApiState(settings=settings, registry=registry, stores=stores, submitter=submitter, hub=hub)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
+        await hub.start()
         yield
+        await hub.stop()
         celery_app.close()
         stores.text.close()
 
@@ -285,8 +380,9 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         description="Asynchronous inference jobs on Celery and Redis. Models marked trained=false are untrained.",
         lifespan=lifespan,
     )
-    _install_error_handlers(app)
+    _install_error_handlers(app, settings)
     _register_job_routes(app, state)
+    _register_bulk_routes(app, state)
     _register_model_routes(app, state)
     _register_health_routes(app, state)
     return app

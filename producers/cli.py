@@ -34,15 +34,53 @@ def main() -> None:
     """inferq: asynchronous inference jobs on Celery and Redis."""
 
 
-def _submit_one(client: InferqClient, model: str, path: Path, options: dict[str, Any]) -> str:
-    if path.suffix.lower() == ".json":
-        document = json.loads(path.read_text(encoding="utf-8"))
-        return client.submit(model, inputs=document["inputs"], **options)
-    return client.submit(model, path, **options)
+def _expand(paths: tuple[Path, ...]) -> list[Path]:
+    """Files as given, and the files under each folder (recursively, hidden ones left out), in name order."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            inside = (p for p in path.rglob("*") if p.is_file())
+            files += sorted(p for p in inside if not any(part.startswith(".") for part in p.relative_to(path).parts))
+        else:
+            files.append(path)
+    return files
+
+
+def _read_inputs(path: Path) -> list[dict[str, Any]]:
+    document = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(document, dict) or not isinstance(document.get("inputs"), list):
+        raise ValueError(f"{path.name}: a JSON file must hold {{'inputs': [...]}}")
+    return list(document["inputs"])
+
+
+def _submit_files(client: InferqClient, model: str, files: list[Path], options: dict[str, Any]) -> list[Any]:
+    """Submit in bulk requests: JSON files as tensor jobs, any other file as an image. One entry per file, in
+    order: the job id, or the error that refused it."""
+    outcomes: list[Any] = [None] * len(files)
+    tensors: list[tuple[int, list[dict[str, Any]]]] = []
+    for index, path in enumerate(files):
+        if path.suffix.lower() == ".json":
+            try:
+                tensors.append((index, _read_inputs(path)))
+            except (ValueError, OSError) as e:
+                outcomes[index] = _error_of(e)
+    images = [i for i, path in enumerate(files) if path.suffix.lower() != ".json"]
+    try:
+        if tensors:
+            entries = client.submit_many(model, inputs=[inputs for _, inputs in tensors], **options)
+            for (index, _), entry in zip(tensors, entries, strict=True):
+                outcomes[index] = entry.get("job_id") or entry["error"]
+        if images:
+            entries = client.submit_many(model, [files[i] for i in images], **options)
+            for index, entry in zip(images, entries, strict=True):
+                outcomes[index] = entry.get("job_id") or entry["error"]
+    except RemoteError as e:
+        outcomes = [o if o is not None else e.to_dict() for o in outcomes]
+    return outcomes
 
 
 @main.command()
-@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--model", required=True, help="Registry name, e.g. chest-xray.")
 @click.option("--wait/--no-wait", default=False, help="Wait for every job and print its outcome.")
 @click.option("--timeout-s", default=600.0, show_default=True, help="How long --wait waits for all jobs.")
@@ -50,7 +88,7 @@ def _submit_one(client: InferqClient, model: str, path: Path, options: dict[str,
 @click.option("--callback-url", default=None)
 @click.option("--api-url", default=None, help="Default: INFERQ_API_URL or http://127.0.0.1:8000.")
 def submit(
-    files: tuple[Path, ...],
+    paths: tuple[Path, ...],
     model: str,
     wait: bool,
     timeout_s: float,
@@ -58,18 +96,20 @@ def submit(
     callback_url: str | None,
     api_url: str | None,
 ) -> None:
-    """Submit FILES (images, or JSON files of OIP inputs) as jobs; print one JSON line per file."""
+    """Submit files or folders of files (images, or JSON files of OIP inputs) as jobs, in bulk requests; print
+    one JSON line per file."""
     settings = _settings(api_url=api_url)
     options = {"priority": priority, "callback_url": callback_url}
+    files = _expand(paths)
     failed = False
     with InferqClient(settings.api_url) as client:
         submitted: list[tuple[Path, str]] = []
-        for path in tqdm(files, desc="submitting", unit="file", disable=len(files) < 2, file=sys.stderr):
-            try:
-                submitted.append((path, _submit_one(client, model, path, options)))
-            except (RemoteError, ValueError, KeyError) as e:
+        for path, outcome in zip(files, _submit_files(client, model, files, options), strict=True):
+            if isinstance(outcome, str):
+                submitted.append((path, outcome))
+            else:
                 failed = True
-                _print_json({"file": str(path), "status": "rejected", "error": _error_of(e)})
+                _print_json({"file": str(path), "status": "rejected", "error": outcome})
         if not wait:
             for path, job_id in submitted:
                 _print_json({"file": str(path), "job_id": job_id, "status": "queued"})
@@ -85,20 +125,18 @@ def _error_of(exc: Exception) -> dict[str, Any]:
 
 
 def _wait_all(client: InferqClient, submitted: list[tuple[Path, str]], timeout_s: float) -> bool:
-    """Poll every job until final; print each as it ends. True if any did not succeed."""
+    """Long-poll the jobs, printing each as it ends. True if any did not succeed or did not end in time."""
     deadline = time.monotonic() + timeout_s
-    pending = dict((job_id, path) for path, job_id in submitted)
+    pending = {job_id: path for path, job_id in submitted}
     failed = False
     with tqdm(total=len(pending), desc="waiting", unit="job", disable=len(pending) < 2, file=sys.stderr) as bar:
-        while pending and time.monotonic() < deadline:
-            for job_id, path in list(pending.items()):
-                job = client.status(job_id)
-                if job["status"] in FINAL_STATUSES:
-                    del pending[job_id]
+        while pending and (remaining_s := deadline - time.monotonic()) > 0:
+            for job in client.results(list(pending), wait_s=remaining_s, until="any"):
+                if job.get("status") in FINAL_STATUSES or "status" not in job:
+                    path = pending.pop(job["job_id"])
                     bar.update(1)
-                    failed |= job["status"] != "succeeded"
+                    failed |= job.get("status") != "succeeded"
                     _print_json({"file": str(path), **job})
-            time.sleep(0.25 if pending else 0)
     for job_id, path in pending.items():
         _print_json({"file": str(path), "job_id": job_id, "status": "timeout"})
     return failed or bool(pending)

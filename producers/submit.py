@@ -1,13 +1,17 @@
-"""The one submission path: every intake (HTTP upload, tensor JSON, later DICOM C-STORE and STOW-RS) calls
-`JobSubmitter.submit`. It validates the input against the model, keeps the original upload as a blob, writes
-the job record, then sends the Celery task by name with only the job id and the blob reference.
+"""The one submission path: every intake (HTTP upload, tensor JSON, bulk requests, later DICOM C-STORE and
+STOW-RS) calls `JobSubmitter.submit_many` (`submit` is its one-job form). It validates each input against the
+model, refuses load past the model's `max_queue_depth`, writes the blobs and job records in one pipeline, then
+sends one Celery task per job by name with only the job id and the blob reference.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from celery import Celery
@@ -17,9 +21,9 @@ from kombu.exceptions import OperationalError
 from config import Settings
 from protocol.celery_config import broker_kind
 from protocol.connections import Stores
-from protocol.errors import BackendUnavailable, InvalidRequest
+from protocol.errors import BackendUnavailable, ClientError, InferqError, InvalidRequest, QueueFull
 from protocol.intake import FileUpload, TensorUpload, ValidatedInput, validate_input
-from protocol.jobs import JobStatus, new_job_id
+from protocol.jobs import JobStatus, NewJob, new_job_id
 from protocol.keys import queue_lists, task_name_for
 from protocol.registry import ModelSpec, Registry
 
@@ -58,8 +62,25 @@ class Receipt:
     replayed: bool
 
 
+@dataclass(frozen=True)
+class SubmitItem:
+    """One job of a submission: its input and its options."""
+
+    upload: FileUpload | TensorUpload
+    options: SubmitOptions
+
+
+Outcome = Receipt | InferqError
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    index: int
+    job: NewJob
+
+
 class JobSubmitter:
-    """Validates, stores and enqueues jobs; the API, the CLI and future intakes all go through here."""
+    """Validates, stores and enqueues jobs; the API, the CLI, bulk requests and future intakes all go through here."""
 
     def __init__(self, *, settings: Settings, registry: Registry, stores: Stores, celery_app: Celery) -> None:
         self._settings = settings
@@ -68,21 +89,49 @@ class JobSubmitter:
         self._celery = celery_app
 
     def submit(self, model: str, upload: FileUpload | TensorUpload, options: SubmitOptions) -> Receipt:
+        """One job; raises its error (client error, `QueueFull`, `BackendUnavailable`) instead of returning it."""
+        [outcome] = self.submit_many(model, [SubmitItem(upload, options)])
+        if isinstance(outcome, InferqError):
+            raise outcome
+        return outcome
+
+    def submit_many(self, model: str, items: Sequence[SubmitItem]) -> list[Outcome]:
+        """Each item's receipt or its own error, in order: a bad item never fails the others. Raises
+        `QueueFull` when the model's queue has no room at all, `BackendUnavailable` when Redis is down."""
         spec = self._registry.get_model(model)
-        validated = validate_input(spec, upload, self._settings)
+        outcomes: list[Outcome | None] = [None] * len(items)
+        valid: list[tuple[int, ValidatedInput]] = []
+        for index, item in enumerate(items):
+            try:
+                valid.append((index, validate_input(spec, item.upload, self._settings)))
+            except ClientError as e:
+                outcomes[index] = e
         try:
-            return self._store_and_send(spec, validated, options)
+            room = self._room(spec, len(valid))
+            for index, _ in valid[room:]:
+                outcomes[index] = QueueFull(f"the queue of {spec.name!r} is full; try again later")
+            prepared = [self._prepare(spec, i, v, items[i].options) for i, v in valid[:room]]
+            for p, outcome in zip(prepared, self._store_and_send(spec, prepared), strict=True):
+                outcomes[p.index] = outcome
         except (redis.RedisError, OperationalError) as e:
             raise BackendUnavailable("the job store or broker is unavailable; try again") from e
+        return [o for o in outcomes if o is not None]
 
-    def _store_and_send(self, spec: ModelSpec, validated: ValidatedInput, options: SubmitOptions) -> Receipt:
-        keep_ttl_s = self._settings.queued_ttl_s + self._settings.result_ttl_s
-        blob_ref = self._stores.blobs.put(validated.blob, ttl_s=keep_ttl_s)
-        job_id = new_job_id()
+    def _room(self, spec: ModelSpec, wanted: int) -> int:
+        """How many of `wanted` jobs the queue takes; `QueueFull` when none. Concurrent submissions may overshoot
+        the limit by a few: the check and the publish are not one atomic step."""
+        if not spec.max_queue_depth or wanted == 0:
+            return wanted
+        room = spec.max_queue_depth - self.queue_depths([spec.name])[spec.name]
+        if room <= 0:
+            raise QueueFull(f"the queue of {spec.name!r} holds {spec.max_queue_depth} jobs or more; try again later")
+        return min(room, wanted)
+
+    def _prepare(self, spec: ModelSpec, index: int, validated: ValidatedInput, options: SubmitOptions) -> _Prepared:
         fields = {
             "model": spec.name,
             "model_version": spec.version,
-            "blob_ref": blob_ref,
+            "blob_ref": uuid.uuid4().hex,
             "priority": str(options.priority),
             "callback_url": options.callback_url or "",
             "idempotency_key": options.idempotency_key or "",
@@ -90,44 +139,84 @@ class JobSubmitter:
             "media_type": validated.media_type,
             "max_attempts": str(spec.max_attempts),
         }
-        stored_id = self._stores.jobs.create(job_id, fields, idempotency=options.idempotency_key)
-        if stored_id != job_id:
-            self._stores.blobs.delete(blob_ref)
-            status = self._stores.jobs.fields(stored_id)["status"]
-            return Receipt(job_id=stored_id, status=status, replayed=True)
-        self._send(spec, job_id, blob_ref, options.idempotency_key)
-        return Receipt(job_id=job_id, status=JobStatus.QUEUED.value, replayed=False)
+        job = NewJob(job_id=new_job_id(), fields=fields, idempotency=options.idempotency_key, blob=validated.blob)
+        return _Prepared(index=index, job=job)
 
-    def _send(self, spec: ModelSpec, job_id: str, blob_ref: str, idempotency: str | None) -> None:
+    def _store_and_send(self, spec: ModelSpec, prepared: list[_Prepared]) -> list[Outcome]:
+        jobs = [p.job for p in prepared]
+        keep_ttl_s = self._settings.queued_ttl_s + self._settings.result_ttl_s
+        stored_ids = self._stores.jobs.create_many(jobs, blob_ttl_s=keep_ttl_s)
+        replays = {s for job, s in zip(jobs, stored_ids, strict=True) if s != job.job_id}
+        replay_views = dict(zip(replays, self._stores.jobs.views(list(replays)), strict=True)) if replays else {}
+        fresh = [job for job, s in zip(jobs, stored_ids, strict=True) if s == job.job_id]
+        sent = self._send_all(spec, fresh)
+        outcomes: list[Outcome] = []
+        for job, stored_id in zip(jobs, stored_ids, strict=True):
+            if stored_id in replay_views:
+                view = replay_views[stored_id]
+                status = view["status"] if view else JobStatus.QUEUED.value
+                outcomes.append(Receipt(job_id=stored_id, status=status, replayed=True))
+            else:
+                outcomes.append(sent[job.job_id])
+        return outcomes
+
+    def _send_all(self, spec: ModelSpec, jobs: list[NewJob]) -> dict[str, Outcome]:
+        """Publish each job; after the first refusal the broker is taken as down and the rest are not tried."""
+        outcomes: dict[str, Outcome] = {}
+        broker_up = True
+        with self._celery.producer_or_acquire() as producer:
+            for job in jobs:
+                broker_up = broker_up and self._send(spec, job, producer)
+                queued = Receipt(job_id=job.job_id, status=JobStatus.QUEUED.value, replayed=False)
+                outcomes[job.job_id] = queued if broker_up else self._unsent(job)
+        return outcomes
+
+    def _send(self, spec: ModelSpec, job: NewJob, producer: Any) -> bool:
         try:
-            # By name: producers never import worker code. The job id doubles as the task id for Flower.
-            self._celery.send_task(task_name_for(spec.name), args=[job_id, blob_ref], task_id=job_id)
+            # By name: producers never import worker code. The job id doubles as the task id for Flower. The job
+            # record holds the result, so Celery's result backend is skipped: otherwise the producer subscribes to
+            # each task's result and, with the backend down, retries that for ~20 s before failing.
+            args = [job.job_id, job.fields["blob_ref"]]
+            self._celery.send_task(
+                task_name_for(spec.name), args=args, task_id=job.job_id, producer=producer, ignore_result=True
+            )
         except Exception as e:
-            log.warning("enqueue failed for job %s: %s", job_id, type(e).__name__)
-            # Not replayed as a failure: the job is removed, so the same idempotency key creates it afresh. Should the
-            # removal fail too, the job stays queued and the reconciler publishes it once the broker is back.
-            with contextlib.suppress(Exception):
-                self._stores.jobs.forget(job_id, idempotency=idempotency, model=spec.name)
-                self._stores.blobs.delete(blob_ref)
-            raise BackendUnavailable("the broker is unavailable; try again") from e
+            log.warning("enqueue failed for job %s: %s", job.job_id, type(e).__name__)
+            return False
+        return True
 
-    def queue_depths(self) -> dict[str, int]:
-        """Messages waiting per model, summed over kombu's priority lists."""
+    def _unsent(self, job: NewJob) -> Outcome:
+        """A job the broker never took is removed (best effort), so that a retry with its idempotency key makes a
+        fresh job instead of replaying a failure; a job a worker already claimed was published after all."""
+        try:
+            outcome = self._stores.jobs.discard_unsent(
+                job.job_id, model=job.fields["model"], idempotency=job.idempotency
+            )
+        except redis.RedisError:
+            log.warning("could not discard unsent job %s; it will expire", job.job_id)
+            outcome = "discarded"
+        if outcome != "discarded":
+            return Receipt(job_id=job.job_id, status=outcome, replayed=False)
+        return BackendUnavailable("the broker is unavailable; try again")
+
+    def queue_depths(self, models: Sequence[str] | None = None) -> dict[str, int]:
+        """Messages waiting per model (all models by default), summed over kombu's priority lists."""
+        names = list(models) if models is not None else list(self._registry)
         if broker_kind(self._settings.broker_url_or_default) == "amqp":
-            return self._amqp_queue_depths()
-        lists = {model: queue_lists(spec.queue_name) for model, spec in self._registry.items()}
+            return self._amqp_queue_depths(names)
+        lists = {model: queue_lists(self._registry[model].queue_name) for model in names}
         pipe = self._stores.text.pipeline()
-        for names in lists.values():
-            for name in names:
-                pipe.llen(name)
+        for keys in lists.values():
+            for key in keys:
+                pipe.llen(key)
         counts = iter(pipe.execute())
-        return {model: sum(next(counts) for _ in names) for model, names in lists.items()}
+        return {model: sum(next(counts) for _ in keys) for model, keys in lists.items()}
 
-    def _amqp_queue_depths(self) -> dict[str, int]:
+    def _amqp_queue_depths(self, names: list[str]) -> dict[str, int]:
         """Ready messages per model, from a passive declare (it reads the count and creates nothing)."""
         with self._celery.connection_for_read() as connection:
             try:
-                return {model: _ready_messages(connection, spec.queue_name) for model, spec in self._registry.items()}
+                return {model: _ready_messages(connection, self._registry[model].queue_name) for model in names}
             except (*connection.connection_errors, OperationalError) as e:
                 raise BackendUnavailable("the broker does not answer") from e
 

@@ -18,7 +18,8 @@
     ├── TransientError               the system had a bad moment: retried with backoff, HTTP 503
     │   ├── BackendUnavailable       503 backend_unavailable
     │   ├── BlobMissing              410 blob_missing (the upload expired before it was read)
-    │   └── WorkerLost               503 worker_lost (the worker running the job died; the job runs again)
+    │   ├── WorkerLost               503 worker_lost (the worker running the job died; the job runs again)
+    │   └── QueueFull                429 queue_full (the model's queue is at max_queue_depth)
     ├── ModelError                   the model could not answer: job `failed`
     │   ├── ModelLoadError           500 model_load_error (also a worker that refuses to start)
     │   │   └── ChecksumMismatch     500 checksum_mismatch
@@ -231,3 +232,10 @@ def error_payload(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, InferqError):
         return exc.to_dict()
     return {"code": InferqError.code, "message": "internal error while processing the job", "retryable": False}
+
+
+class QueueFull(TransientError):
+    """The model's queue holds `max_queue_depth` jobs already: nothing was enqueued; try again later."""
+
+    code = "queue_full"
+    http_status = 429

@@ -237,3 +237,15 @@ redis.call('HSET', J, 'callback_state', ARGV[2], 'callback_done_at', now)
 redis.call('ZREM', CALLBACKS, ID)
 return ARGV[2]
 """
+
+# KEYS: job, idempotency key (or the job key again). ARGV: id. Only a job no worker has touched is removed.
+DISCARD = f"""{_PRELUDE}
+local status = redis.call('HGET', J, 'status')
+if status and status ~= 'queued' then return status end
+if KEYS[2] ~= J and redis.call('GET', KEYS[2]) == ID then redis.call('DEL', KEYS[2]) end
+redis.call('DEL', blob_key())
+redis.call('DEL', J)
+redis.call('ZREM', QUEUED, ID)
+redis.call('ZREM', PUBLISHED, ID)
+return 'discarded'
+"""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -28,13 +29,13 @@ import redis
 from protocol import job_scripts
 from protocol.errors import JobNotCancellable, UnknownJob
 from protocol.keys import (
+    blob_key,
     callbacks_key,
     dead_letter_key,
     idempotency_key,
     job_key,
     leases_key,
     published_key,
-    queued_key,
     retries_key,
 )
 
@@ -88,6 +89,18 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class NewJob:
+    """One job of `JobStore.create_many`: its record fields, idempotency key, blob (stored under
+    `fields['blob_ref']`) and its own queue deadline in seconds (None: `queued_ttl_s`)."""
+
+    job_id: str
+    fields: dict[str, str]
+    idempotency: str | None = None
+    blob: bytes | None = None
+    queue_s: float | None = None
+
+
+@dataclass(frozen=True)
 class Outcome:
     """How an attempt ended, to be written by `JobStore.finish` if the attempt still owns its job."""
 
@@ -112,7 +125,7 @@ class JobStore:
             name: redis_client.register_script(getattr(job_scripts, name))
             for name in (
                 "CREATE", "CLAIM", "BEGIN", "RENEW", "FINISH", "RELEASE", "RECOVER", "CANCEL", "EXPIRE",
-                "REQUEUE_DEAD", "CALLBACK_TAKE", "CALLBACK_DONE",
+                "REQUEUE_DEAD", "CALLBACK_TAKE", "CALLBACK_DONE", "DISCARD",
             )
         }  # fmt: skip
 
@@ -134,13 +147,22 @@ class JobStore:
         keys, args = self._create_args(job_id, fields, idempotency, queue_s)
         return str(self._scripts["CREATE"](keys=keys, args=args))
 
-    def create_many(self, jobs: list[tuple[str, dict[str, str], str | None, float | None]]) -> list[str]:
-        """`create` for many jobs in one round trip; each element is (job id, fields, idempotency, queue_s)."""
+    def create_many(self, jobs: Sequence[NewJob], *, blob_ttl_s: int) -> list[str]:
+        """Store the blobs and queued records of many jobs in one pipeline, with the same script as `create`;
+        returns each job's stored id in order (another job's id where its idempotency key was already used)."""
         pipe = self._redis.pipeline(transaction=False)
-        for job_id, fields, idempotency, queue_s in jobs:
-            keys, args = self._create_args(job_id, fields, idempotency, queue_s)
+        with_blobs = [job for job in jobs if job.blob is not None]
+        for job in with_blobs:
+            pipe.set(blob_key(job.fields["blob_ref"]), job.blob, ex=blob_ttl_s)  # type: ignore[arg-type]
+        for job in jobs:
+            keys, args = self._create_args(job.job_id, job.fields, job.idempotency, job.queue_s)
             self._scripts["CREATE"](keys=keys, args=args, client=pipe)
-        return [str(stored) for stored in pipe.execute()]
+        stored = [str(job_id) for job_id in pipe.execute()[len(with_blobs) :]]
+        pairs = zip(jobs, stored, strict=True)
+        replayed = [blob_key(j.fields["blob_ref"]) for j, s in pairs if s != j.job_id and j.blob is not None]
+        if replayed:
+            self._redis.delete(*replayed)
+        return stored
 
     def _create_args(
         self, job_id: str, fields: dict[str, str], idempotency: str | None, queue_s: float | None
@@ -152,15 +174,12 @@ class JobStore:
             flat += [name, value]
         return [job_key(job_id), idem], [job_id, deadline_s, self.keep_ttl_s, *flat]
 
-    def forget(self, job_id: str, *, idempotency: str | None, model: str) -> None:
-        """Remove a job that was never published, so that a retry of the submission creates it anew."""
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.delete(job_key(job_id))
-        if idempotency:
-            pipe.delete(idempotency_key(model, idempotency))
-        for index in (queued_key(), published_key()):
-            pipe.zrem(index, job_id)
-        pipe.execute()
+    def discard_unsent(self, job_id: str, *, model: str, idempotency: str | None) -> str:
+        """Remove a job whose message never reached the broker: record, idempotency entry (if still ours) and
+        blob, so a retry with the same key makes a fresh job. Returns 'discarded', or the status of a job that a
+        worker already took (its message did arrive after all), which is then left alone."""
+        idem = idempotency_key(model, idempotency) if idempotency else job_key(job_id)
+        return str(self._run("DISCARD", job_id, keys=[job_key(job_id), idem]))
 
     def mark_published(self, job_ids: list[str]) -> None:
         """Record when jobs' messages were (re)sent, for the reconciler's lost-message check."""
@@ -183,7 +202,7 @@ class JobStore:
             fields = self.fields(job_id)
         return render_view(job_id, fields)
 
-    def views(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
+    def views(self, job_ids: Sequence[str]) -> list[dict[str, Any] | None]:
         """Many jobs in one round trip; None for an unknown id."""
         pipe = self._redis.pipeline(transaction=False)
         for job_id in job_ids:

@@ -106,6 +106,9 @@ class ModelSpec(_Frozen):
     batch_wait_ms: float = Field(default=0.0, ge=0, description="Longest wait for more jobs after a batch's first.")
     precision: Literal["fp32", "fp16", "bf16"] = Field(default="fp32", description="On a GPU: the compute precision.")
     channels_last: bool = Field(default=False, description="On a GPU: channels-last memory format for conv nets.")
+    max_queue_depth: int | None = Field(
+        default=None, ge=0, description="Past this many waiting jobs a submission is refused (429); 0 or unset: none."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -141,6 +144,7 @@ class ModelSpec(_Frozen):
             "time_limit_s": self.time_limit_s,
             "max_batch_size": self.max_batch_size,
             "max_attempts": self.max_attempts,
+            "max_queue_depth": self.max_queue_depth or None,
         }
 
 

@@ -1,0 +1,193 @@
+"""Long-polling, `Prefer: wait`, bulk submission and bulk status reads, over real HTTP with real workers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from producers.demo import fraud_example
+from tests.integration.conftest import Stack
+
+pytestmark = pytest.mark.slow
+_JOB_TIMEOUT_S = 300.0
+
+
+def test_get_with_wait_s_answers_with_the_finished_job(stack: Stack) -> None:
+    with stack.client() as client:
+        job_id = client.submit("fraud", inputs=fraud_example(rows=2))
+    job = httpx.get(f"{stack.api_url}/v1/jobs/{job_id}", params={"wait_s": 60}, timeout=90).json()
+    assert job["status"] == "succeeded" and job["result"]["outputs"][0]["shape"] == [2, 1]
+
+
+def test_get_with_wait_s_answers_with_the_current_state_when_time_is_up(stack: Stack) -> None:
+    with stack.client() as client:
+        job_id = client.submit("fraud-idle", inputs=fraud_example(rows=1))
+    started = time.monotonic()
+    job = httpx.get(f"{stack.api_url}/v1/jobs/{job_id}", params={"wait_s": 1.5}, timeout=30).json()
+    assert job["status"] == "queued"
+    assert time.monotonic() - started >= 1.5  # it did wait
+
+
+def test_a_waiting_request_is_woken_when_its_job_ends(stack: Stack) -> None:
+    # Given a job no worker will take, and a request waiting up to 60 s for it
+    with stack.client() as client:
+        job_id = client.submit("fraud-idle", inputs=fraud_example(rows=1))
+    answer: dict[str, Any] = {}
+
+    def wait() -> None:
+        started = time.monotonic()
+        answer["job"] = httpx.get(f"{stack.api_url}/v1/jobs/{job_id}", params={"wait_s": 60}, timeout=90).json()
+        answer["waited_s"] = time.monotonic() - started
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.5)
+    # When the job ends (cancelled) while the request waits
+    assert httpx.delete(f"{stack.api_url}/v1/jobs/{job_id}").json()["status"] == "cancelled"
+    waiter.join(timeout=90)
+    # Then the request answers with the final state, long before its wait was up
+    assert answer["job"]["status"] == "cancelled"
+    assert answer["waited_s"] < 45
+
+
+def test_get_with_a_negative_wait_is_a_422(stack: Stack) -> None:
+    response = httpx.get(f"{stack.api_url}/v1/jobs/abc", params={"wait_s": -1})
+    assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request"
+
+
+def test_prefer_wait_answers_200_with_the_finished_job_inline(stack: Stack) -> None:
+    response = httpx.post(
+        f"{stack.api_url}/v1/models/fraud/jobs",
+        json={"inputs": fraud_example(rows=3)},
+        headers={"Prefer": "wait=60"},
+        timeout=90,
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["preference-applied"] == "wait=60"
+    job = response.json()
+    assert job["status"] == "succeeded" and job["result"]["outputs"][0]["shape"] == [3, 1]
+    assert response.headers["content-location"].endswith(f"/v1/jobs/{job['job_id']}")
+
+
+def test_prefer_wait_answers_202_when_the_job_is_not_done_in_time(stack: Stack) -> None:
+    response = httpx.post(
+        f"{stack.api_url}/v1/models/fraud-idle/jobs",
+        json={"inputs": fraud_example(rows=1)},
+        headers={"Prefer": "respond-async, wait=1"},
+        timeout=30,
+    )
+    assert response.status_code == 202
+    assert response.headers["preference-applied"] == "wait=1"
+    assert response.json()["status"] == "queued"
+
+
+def test_a_json_bulk_submission_makes_independent_jobs_and_a_bad_item_fails_alone(stack: Stack) -> None:
+    # Given four good jobs of different sizes and two bad ones in one request
+    jobs: list[dict[str, Any]] = [{"inputs": fraud_example(rows=rows)} for rows in (1, 2, 3, 4)]
+    jobs.insert(1, {"inputs": [{**fraud_example(rows=1)[0], "shape": [1, 29]}]})
+    jobs.append({"inputs": "nope"})
+    response = httpx.post(f"{stack.api_url}/v1/models/fraud/jobs/bulk", json={"jobs": jobs}, timeout=60)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    # Then each good item has its own job, each bad item its own error
+    assert body["accepted"] == 4 and body["rejected"] == 2
+    entries = body["jobs"]
+    assert entries[1]["error"]["code"] == "invalid_tensor" and entries[5]["error"]["code"] == "invalid_request"
+    job_ids = [entries[i]["job_id"] for i in (0, 2, 3, 4)]
+    assert len(set(job_ids)) == 4 and all(entries[i]["status"] == "queued" for i in (0, 2, 3, 4))
+    # And a bulk read answers when all are final, each with its own result
+    query = {"job_ids": job_ids, "wait_s": 60}
+    answer = httpx.post(f"{stack.api_url}/v1/jobs/query", json=query, timeout=90).json()
+    assert answer["pending"] == 0
+    assert [j["status"] for j in answer["jobs"]] == ["succeeded"] * 4
+    assert [j["result"]["outputs"][0]["shape"][0] for j in answer["jobs"]] == [1, 2, 3, 4]
+
+
+def test_a_bulk_request_retried_with_its_idempotency_key_gets_the_same_jobs(stack: Stack) -> None:
+    body = {"jobs": [{"inputs": fraud_example(rows=1)}, {"inputs": fraud_example(rows=2)}]}
+    url = f"{stack.api_url}/v1/models/fraud-idle/jobs/bulk"
+    first = httpx.post(url, json=body, headers={"Idempotency-Key": "batch-7"}).json()["jobs"]
+    again = httpx.post(url, json=body, headers={"Idempotency-Key": "batch-7"}).json()["jobs"]
+    assert [j["job_id"] for j in again] == [j["job_id"] for j in first]
+    assert [j["replayed"] for j in first] == [False, False] and [j["replayed"] for j in again] == [True, True]
+
+
+def test_a_multipart_bulk_upload_of_images(stack: Stack) -> None:
+    files = [("file", (p.name, p.read_bytes(), "application/octet-stream")) for p in stack.samples[:3]]
+    files.append(("file", ("notes.txt", b"not an image", "text/plain")))
+    response = httpx.post(
+        f"{stack.api_url}/v1/models/chest-xray/jobs/bulk", files=files, data={"priority": "4"}, timeout=60
+    )
+    assert response.status_code == 200, response.text
+    entries = response.json()["jobs"]
+    assert entries[3]["error"]["code"] == "unsupported_media_type"
+    with stack.client() as client:
+        jobs = client.results([e["job_id"] for e in entries[:3]], wait_s=_JOB_TIMEOUT_S)
+    assert [j["status"] for j in jobs] == ["succeeded"] * 3
+    assert all(len(j["result"]["findings"]) == 14 for j in jobs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code"),
+    [
+        ({"json": {"jobs": []}}, 422, "invalid_request"),
+        ({"json": {"inputs": fraud_example(rows=1)}}, 422, "invalid_request"),
+        ({"content": b"raw", "headers": {"content-type": "text/plain"}}, 422, "invalid_request"),
+        ({"files": [("other", ("a.png", b"x"))]}, 422, "invalid_request"),
+    ],
+)
+def test_a_malformed_bulk_request_is_a_4xx(stack: Stack, kwargs: dict[str, Any], status: int, code: str) -> None:
+    response = httpx.post(f"{stack.api_url}/v1/models/fraud/jobs/bulk", **kwargs)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
+
+
+def test_query_reports_unknown_ids_and_can_return_when_any_job_ends(stack: Stack) -> None:
+    with stack.client() as client:
+        done = client.submit_and_wait("fraud", inputs=fraud_example(rows=1), wait_s=_JOB_TIMEOUT_S)
+        idle = client.submit("fraud-idle", inputs=fraud_example(rows=1))
+        assert done["status"] == "succeeded"
+        jobs = client.results([idle, done["job_id"], "nope"], wait_s=30, until="any")
+    assert [j.get("status") for j in jobs] == ["queued", "succeeded", None]
+    assert jobs[2]["error"]["code"] == "unknown_job"
+
+
+def test_the_client_submits_many_and_reads_them_back(stack: Stack) -> None:
+    with stack.client() as client:
+        entries = client.submit_many("fraud", inputs=[fraud_example(rows=r) for r in (1, 2, 3)], jobs_per_request=2)
+        assert [e["status"] for e in entries] == ["queued"] * 3
+        jobs = client.results([e["job_id"] for e in entries], wait_s=_JOB_TIMEOUT_S)
+        one = client.result(entries[0]["job_id"], wait_s=_JOB_TIMEOUT_S)
+        images = client.submit_many("chest-xray", stack.samples[:2])
+    assert [j["result"]["outputs"][0]["shape"] for j in jobs] == [[1, 1], [2, 1], [3, 1]]
+    assert one["status"] == "succeeded"
+    assert [e["status"] for e in images] == ["queued", "queued"]
+
+
+def test_cli_submit_of_a_folder_uses_one_bulk_request_and_waits(stack: Stack) -> None:
+    folder = stack.tmp / "folder"
+    folder.mkdir(exist_ok=True)
+    for path in stack.samples[:3]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "readme.txt").write_text("not an image")
+    bulk_requests_before = stack.services.log_of("api").count("/v1/models/chest-xray/jobs/bulk")
+    argv = [sys.executable, "-m", "producers.cli", "submit", str(folder), "--model", "chest-xray", "--wait"]
+    env = {**stack.env, "INFERQ_API_URL": stack.api_url}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, check=False)
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert done.returncode == 1, done.stderr  # the text file is refused, and the exit status says so
+    by_name = {line["file"].rsplit("/", 1)[-1]: line for line in lines}
+    assert set(by_name) == {p.name for p in stack.samples[:3]} | {"readme.txt"}
+    assert by_name["readme.txt"]["status"] == "rejected"
+    assert all(by_name[p.name]["status"] == "succeeded" for p in stack.samples[:3]), [
+        (x["file"], x["status"], x.get("error")) for x in lines
+    ]
+    # One bulk request, not one request per file.
+    assert stack.services.log_of("api").count("/v1/models/chest-xray/jobs/bulk") == bulk_requests_before + 1

@@ -1,0 +1,131 @@
+"""What waiting, bulk submission and outages need from the job store: a PUBLISH on every final transition, many
+jobs in one pipeline, many reads in one, idempotency that never answers with a vanished job, and unsent jobs
+removed. Against a real Redis."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from protocol.connections import Stores, open_stores
+from protocol.jobs import NewJob, new_job_id
+from protocol.keys import blob_key, done_channel, idempotency_key, job_key
+
+EXPIRED = {"code": "expired", "message": "late", "retryable": True}
+
+
+@pytest.fixture
+def stores(redis_url: str) -> Iterator[Stores]:
+    stores = open_stores(redis_url, queued_ttl_s=3600, result_ttl_s=60)
+    yield stores
+    stores.text.close()
+
+
+def _fields(blob_ref: str = "b1") -> dict[str, str]:
+    return {"model": "fraud", "model_version": "1", "blob_ref": blob_ref}
+
+
+def _published(pubsub: redis.client.PubSub, count: int) -> list[str]:
+    seen: list[str] = []
+    deadline = time.monotonic() + 5
+    while len(seen) < count and time.monotonic() < deadline:
+        message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+        if message is not None:
+            seen.append(message["data"])
+    return seen
+
+
+def test_every_final_transition_publishes_the_job_id(redis_url: str) -> None:
+    stores = open_stores(redis_url, queued_ttl_s=1, result_ttl_s=60)
+    pubsub = stores.text.pubsub()
+    pubsub.subscribe(done_channel())
+    succeeded, failed, cancelled, expired, running = (new_job_id() for _ in range(5))
+    for job_id in (succeeded, failed, cancelled, expired, running):
+        stores.jobs.create(job_id, _fields())
+    for job_id in (succeeded, failed, running):
+        stores.jobs.claim(job_id, EXPIRED)
+    stores.jobs.succeed(succeeded, "b1", {"x": 1})
+    stores.jobs.fail(failed, "b1", {"code": "invalid_image", "message": "bad", "retryable": False})
+    stores.jobs.cancel(cancelled)
+    time.sleep(1.2)
+    assert stores.jobs.claim(expired, EXPIRED) == "expired"
+    # A job that merely started, or a transition refused by the state machine, publishes nothing.
+    assert stores.jobs.succeed(cancelled, "b1", {}) == "cancelled"
+    assert _published(pubsub, 5) == [succeeded, failed, cancelled, expired]
+    pubsub.close()
+    stores.text.close()
+
+
+def test_create_many_stores_blobs_and_records_with_one_id_each(stores: Stores) -> None:
+    jobs = [NewJob(job_id=new_job_id(), fields=_fields(f"blob{i}"), blob=f"data{i}".encode()) for i in range(3)]
+    assert stores.jobs.create_many(jobs, blob_ttl_s=100) == [j.job_id for j in jobs]
+    for i, job in enumerate(jobs):
+        assert stores.jobs.view(job.job_id)["status"] == "queued"
+        assert stores.blobs.get(f"blob{i}") == f"data{i}".encode()
+    assert 0 < stores.text.ttl(blob_key("blob0")) <= 100
+
+
+def test_create_many_replays_a_used_idempotency_key_and_drops_the_spare_blob(stores: Stores) -> None:
+    first = new_job_id()
+    stores.jobs.create(first, _fields("original"), idempotency="tx-1")
+    jobs = [
+        NewJob(job_id=new_job_id(), fields=_fields("spare"), idempotency="tx-1", blob=b"again"),
+        NewJob(job_id=new_job_id(), fields=_fields("other"), idempotency="tx-2", blob=b"new"),
+    ]
+    stored = stores.jobs.create_many(jobs, blob_ttl_s=100)
+    assert stored == [first, jobs[1].job_id]
+    assert not stores.text.exists(blob_key("spare"))
+    assert stores.text.exists(blob_key("other"))
+
+
+def test_views_reads_many_jobs_at_once_and_marks_unknown_ones(stores: Stores) -> None:
+    a, b = new_job_id(), new_job_id()
+    stores.jobs.create(a, _fields())
+    stores.jobs.create(b, _fields())
+    stores.jobs.cancel(b)
+    views = stores.jobs.views([a, "missing", b])
+    assert views[0] is not None and views[0]["status"] == "queued"
+    assert views[1] is None
+    assert views[2] is not None and views[2]["status"] == "cancelled"
+    assert stores.jobs.views([]) == []
+
+
+def test_an_idempotency_key_whose_job_is_gone_makes_a_new_job(stores: Stores) -> None:
+    first, second = new_job_id(), new_job_id()
+    assert stores.jobs.create(first, _fields(), idempotency="order-9") == first
+    stores.text.delete(job_key(first))  # the record expired before the key did
+    assert stores.jobs.create(second, _fields(), idempotency="order-9") == second
+    assert stores.jobs.view(second)["status"] == "queued"
+    assert stores.text.get(idempotency_key("fraud", "order-9")) == second
+
+
+def test_discard_unsent_removes_record_key_and_blob_so_a_retry_is_a_fresh_job(stores: Stores) -> None:
+    job_id = new_job_id()
+    blob_ref = stores.blobs.put(b"pixels", ttl_s=100)
+    stores.jobs.create(job_id, _fields(blob_ref), idempotency="scan-3")
+    assert stores.jobs.discard_unsent(job_id, model="fraud", blob_ref=blob_ref, idempotency="scan-3") == "discarded"
+    assert stores.jobs.views([job_id]) == [None]
+    assert not stores.text.exists(blob_key(blob_ref), idempotency_key("fraud", "scan-3"))
+    retry = new_job_id()
+    assert stores.jobs.create(retry, _fields(), idempotency="scan-3") == retry
+
+
+def test_discard_unsent_leaves_a_job_a_worker_already_took(stores: Stores) -> None:
+    job_id = new_job_id()
+    stores.jobs.create(job_id, _fields(), idempotency="scan-4")
+    stores.jobs.claim(job_id, EXPIRED)
+    assert stores.jobs.discard_unsent(job_id, model="fraud", blob_ref="b1", idempotency="scan-4") == "running"
+    assert stores.jobs.view(job_id)["status"] == "running"
+    assert stores.jobs.create(new_job_id(), _fields(), idempotency="scan-4") == job_id
+
+
+def test_discard_unsent_keeps_a_key_that_another_job_now_holds(stores: Stores) -> None:
+    old, new = new_job_id(), new_job_id()
+    stores.jobs.create(old, _fields(), idempotency="k")
+    stores.text.delete(job_key(old))
+    stores.jobs.create(new, _fields(), idempotency="k")
+    stores.jobs.discard_unsent(old, model="fraud", blob_ref="b1", idempotency="k")
+    assert stores.text.get(idempotency_key("fraud", "k")) == new
