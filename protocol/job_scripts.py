@@ -22,6 +22,8 @@ from protocol.keys import (
     retries_key,
 )
 
+DEFAULT_MAX_ATTEMPTS = 3
+
 _PRELUDE = f"""
 local J = KEYS[1]
 local ID = ARGV[1]
@@ -31,6 +33,8 @@ local LEASES, QUEUED, PUBLISHED = '{leases_key()}', '{queued_key()}', '{publishe
 local RETRIES, CALLBACKS, DEAD = '{retries_key()}', '{callbacks_key()}', '{dead_letter_key()}'
 local function blob_key() return '{PREFIX}:blob:' .. (redis.call('HGET', J, 'blob_ref') or '') end
 local function num(field) return tonumber(redis.call('HGET', J, field) or '0') or 0 end
+-- A record written without its model's limit (an older version, a tool) gets the registry's default.
+local function max_attempts() local m = num('max_attempts') if m > 0 then return m end return {DEFAULT_MAX_ATTEMPTS} end
 -- Move the job to a final state: drop it from every index, announce it, keep it readable for keep_ttl.
 local function finalize(status, result, err, keep_ttl, keep_blob, callback_grace)
   redis.call('HSET', J, 'status', status, 'finished_at', now, 'result', result, 'error', err)
@@ -102,7 +106,7 @@ elseif status == 'running' then
 else
   return {{status, 0, 0}}
 end
-if num('attempts') >= num('max_attempts') then
+if num('attempts') >= max_attempts() then
   dead_letter(redis.call('HGET', J, 'last_error') or '', ARGV[6], ARGV[7])
   return {{'failed', 0, 0}}
 end
@@ -148,7 +152,7 @@ return 'ok'
 
 # ARGV: id, token, backoff s, error json, keep ttl, callback grace. A transient failure: retry, or dead-letter.
 RELEASE = f"""{_PRELUDE}{_FENCE}
-if num('attempts') >= num('max_attempts') then
+if num('attempts') >= max_attempts() then
   dead_letter(ARGV[4], ARGV[5], ARGV[6])
   return 'dead'
 end
@@ -164,7 +168,7 @@ if redis.call('HGET', J, 'status') ~= 'running' then
 end
 if num('lease_until') > now then return 'live' end
 redis.call('HINCRBY', J, 'lost', 1)
-if num('attempts') >= num('max_attempts') then
+if num('attempts') >= max_attempts() then
   dead_letter('', ARGV[3], ARGV[4])
   return 'dead'
 end

@@ -13,10 +13,8 @@ import pytest
 from producers.redis_server import EmbeddedRedis
 from producers.waiting import CompletionHub, prefer_wait_s, wait_for_jobs
 from protocol.connections import Stores, open_stores
-from protocol.jobs import new_job_id
+from protocol.jobs import JobStatus, Outcome, new_job_id
 from protocol.keys import job_key
-
-EXPIRED = {"code": "expired", "message": "late", "retryable": True}
 
 
 class CountingReader:
@@ -38,8 +36,8 @@ def _queued_job(stores: Stores) -> str:
 
 
 def _finish(stores: Stores, job_id: str) -> None:
-    stores.jobs.claim(job_id, EXPIRED)
-    stores.jobs.succeed(job_id, "b", {"score": 1})
+    token = stores.jobs.claim_result(stores.jobs.claim(job_id, node="t", pid=1, lease_s=30)).token
+    stores.jobs.finish([Outcome(job_id, token, JobStatus.SUCCEEDED, result={"score": 1})])
 
 
 async def _with_hub(url: str, body: Callable[[CompletionHub], Awaitable[None]]) -> None:

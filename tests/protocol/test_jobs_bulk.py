@@ -11,10 +11,8 @@ import pytest
 import redis
 
 from protocol.connections import Stores, open_stores
-from protocol.jobs import NewJob, new_job_id
+from protocol.jobs import JobStatus, NewJob, Outcome, new_job_id
 from protocol.keys import blob_key, done_channel, idempotency_key, job_key
-
-EXPIRED = {"code": "expired", "message": "late", "retryable": True}
 
 
 @pytest.fixture
@@ -39,21 +37,25 @@ def _published(pubsub: redis.client.PubSub, count: int) -> list[str]:
 
 
 def test_every_final_transition_publishes_the_job_id(redis_url: str) -> None:
-    stores = open_stores(redis_url, queued_ttl_s=1, result_ttl_s=60)
+    stores = open_stores(redis_url, queued_ttl_s=3600, result_ttl_s=60)
     pubsub = stores.text.pubsub()
     pubsub.subscribe(done_channel())
     succeeded, failed, cancelled, expired, running = (new_job_id() for _ in range(5))
-    for job_id in (succeeded, failed, cancelled, expired, running):
+    for job_id in (succeeded, failed, cancelled, running):
         stores.jobs.create(job_id, _fields())
-    for job_id in (succeeded, failed, running):
-        stores.jobs.claim(job_id, EXPIRED)
-    stores.jobs.succeed(succeeded, "b1", {"x": 1})
-    stores.jobs.fail(failed, "b1", {"code": "invalid_image", "message": "bad", "retryable": False})
+    stores.jobs.create(expired, _fields(), queue_s=0.5)
+    tokens = {
+        job_id: stores.jobs.claim_result(stores.jobs.claim(job_id, node="n", pid=1, lease_s=30)).token
+        for job_id in (succeeded, failed, running)
+    }
+    stores.jobs.finish([Outcome(succeeded, tokens[succeeded], JobStatus.SUCCEEDED, result={"x": 1})])
+    error = {"code": "invalid_image", "message": "bad", "retryable": False}
+    stores.jobs.finish([Outcome(failed, tokens[failed], JobStatus.FAILED, error=error)])
     stores.jobs.cancel(cancelled)
-    time.sleep(1.2)
-    assert stores.jobs.claim(expired, EXPIRED) == "expired"
+    time.sleep(0.7)
+    assert stores.jobs.claim_result(stores.jobs.claim(expired, node="n", pid=1, lease_s=30)).outcome == "expired"
     # A job that merely started, or a transition refused by the state machine, publishes nothing.
-    assert stores.jobs.succeed(cancelled, "b1", {}) == "cancelled"
+    assert stores.jobs.finish([Outcome(cancelled, 1, JobStatus.SUCCEEDED, result={})]) == ["fenced"]
     assert _published(pubsub, 5) == [succeeded, failed, cancelled, expired]
     pubsub.close()
     stores.text.close()
@@ -106,7 +108,7 @@ def test_discard_unsent_removes_record_key_and_blob_so_a_retry_is_a_fresh_job(st
     job_id = new_job_id()
     blob_ref = stores.blobs.put(b"pixels", ttl_s=100)
     stores.jobs.create(job_id, _fields(blob_ref), idempotency="scan-3")
-    assert stores.jobs.discard_unsent(job_id, model="fraud", blob_ref=blob_ref, idempotency="scan-3") == "discarded"
+    assert stores.jobs.discard_unsent(job_id, model="fraud", idempotency="scan-3") == "discarded"
     assert stores.jobs.views([job_id]) == [None]
     assert not stores.text.exists(blob_key(blob_ref), idempotency_key("fraud", "scan-3"))
     retry = new_job_id()
@@ -116,8 +118,8 @@ def test_discard_unsent_removes_record_key_and_blob_so_a_retry_is_a_fresh_job(st
 def test_discard_unsent_leaves_a_job_a_worker_already_took(stores: Stores) -> None:
     job_id = new_job_id()
     stores.jobs.create(job_id, _fields(), idempotency="scan-4")
-    stores.jobs.claim(job_id, EXPIRED)
-    assert stores.jobs.discard_unsent(job_id, model="fraud", blob_ref="b1", idempotency="scan-4") == "running"
+    stores.jobs.claim(job_id, node="n", pid=1, lease_s=30)
+    assert stores.jobs.discard_unsent(job_id, model="fraud", idempotency="scan-4") == "running"
     assert stores.jobs.view(job_id)["status"] == "running"
     assert stores.jobs.create(new_job_id(), _fields(), idempotency="scan-4") == job_id
 
@@ -127,5 +129,5 @@ def test_discard_unsent_keeps_a_key_that_another_job_now_holds(stores: Stores) -
     stores.jobs.create(old, _fields(), idempotency="k")
     stores.text.delete(job_key(old))
     stores.jobs.create(new, _fields(), idempotency="k")
-    stores.jobs.discard_unsent(old, model="fraud", blob_ref="b1", idempotency="k")
+    stores.jobs.discard_unsent(old, model="fraud", idempotency="k")
     assert stores.text.get(idempotency_key("fraud", "k")) == new
