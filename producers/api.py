@@ -1,5 +1,9 @@
 """The HTTP API: submit jobs, poll them, cancel them, list models. Every error is `{"error": {code, message,
-retryable}}` with a 4xx or 503 status; no stack trace and no patient data ever reaches a client."""
+retryable}}` with a 4xx or 503 status; no stack trace and no patient data ever reaches a client.
+
+Every route but the health probes needs an API key (`producers.auth`); bodies are read under the size limit
+(`producers.bodies`); each request leaves one line in the access log (`producers.access_log`).
+"""
 
 from __future__ import annotations
 
@@ -8,21 +12,34 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import anyio
 import redis
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from config import Settings
+from producers.access_log import AccessLogMiddleware
+from producers.api_keys import ApiKeyStore
+from producers.auth import Reader, Submitter, require_own_job
+from producers.bodies import check_declared_length, parse_json, read_body, read_multipart
 from producers.submit import JobSubmitter, SubmitOptions
 from protocol.celery_config import build_celery
 from protocol.codec import TensorPayload
 from protocol.connections import Stores, open_stores
-from protocol.errors import BackendUnavailable, InferqError, InvalidRequest, PayloadTooLarge, error_payload
+from protocol.errors import (
+    BackendUnavailable,
+    InferqError,
+    InvalidRequest,
+    OptionsInQuery,
+    Overloaded,
+    PayloadTooLarge,
+    Unauthorized,
+    error_payload,
+)
 from protocol.intake import FileUpload, TensorUpload
 from protocol.registry import Registry, load_registry
 
@@ -73,7 +90,7 @@ class JobView(BaseModel):
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 404, 409, 413, 415, 422, 503)
+    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 415, 422, 503)
 }
 _SUBMIT_BODY = {
     "requestBody": {
@@ -105,6 +122,8 @@ class ApiState:
     registry: Registry
     stores: Stores
     submitter: JobSubmitter
+    # Probing an upload may inflate a deflated DICOM: few at once, so many large uploads cannot exhaust memory.
+    probe_limiter: anyio.CapacityLimiter
 
 
 def _error_response(status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
@@ -114,7 +133,13 @@ def _error_response(status: int, payload: dict[str, Any], headers: dict[str, str
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InferqError)
     async def _inferq_error(_: Request, exc: InferqError) -> JSONResponse:
-        return _error_response(exc.http_status, exc.to_dict())
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+        return _error_response(exc.http_status, exc.to_dict(), headers)
+
+    @app.exception_handler(MemoryError)
+    async def _out_of_memory(_: Request, exc: MemoryError) -> JSONResponse:
+        log.warning("out of memory while handling a request; answered 503")
+        return _error_response(503, Overloaded("the service is short of memory; send the request again").to_dict())
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -144,52 +169,66 @@ def _describe_validation(errors: Any) -> str:
 _RAW_IMAGE_TYPES = ("application/dicom", "image/png", "image/jpeg")
 
 
+# Options of a bare image body travel in headers: a query string lands in access logs and proxies' logs, and
+# an idempotency key or callback URL may carry an identifier (an accession number).
+_OPTION_HEADERS = {"priority": "inferq-priority", "callback_url": "inferq-callback-url"}
+
+
+def _header_options(request: Request) -> dict[str, Any]:
+    return {name: request.headers[header] for name, header in _OPTION_HEADERS.items() if header in request.headers}
+
+
 async def _read_raw_image(request: Request, settings: Settings) -> tuple[FileUpload, dict[str, Any]]:
-    """A bare image body (`Content-Type: application/dicom`, `image/png`, `image/jpeg`); options from the query."""
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > settings.max_upload_bytes:
-            raise PayloadTooLarge(f"the upload exceeds {settings.max_upload_bytes} bytes")
-    return FileUpload(data=bytes(data)), dict(request.query_params)
+    """A bare image body (`Content-Type: application/dicom`, `image/png`, `image/jpeg`); options from headers."""
+    data = await read_body(request, settings.max_upload_bytes)
+    return FileUpload(data=data), {}
 
 
 async def _read_upload(request: Request, settings: Settings) -> tuple[FileUpload, dict[str, Any]]:
-    form = await request.form(max_files=1, max_fields=10)
-    upload = form.get("file")
-    if not isinstance(upload, UploadFile):
-        raise InvalidRequest("a multipart upload needs its file in the field 'file'")
-    data = await upload.read(settings.max_upload_bytes + 1)
-    if len(data) > settings.max_upload_bytes:
-        raise PayloadTooLarge(f"the upload exceeds {settings.max_upload_bytes} bytes")
-    fields = {k: v for k, v in form.items() if k != "file" and isinstance(v, str)}
-    return FileUpload(data=data, filename=upload.filename or ""), fields
-
-
-async def _read_tensor_json(request: Request) -> tuple[TensorUpload, dict[str, Any]]:
+    form = await read_multipart(request, settings.max_upload_bytes)
     try:
-        body = TensorJobRequest.model_validate_json(await request.body())
-    except ValidationError as e:
-        raise InvalidRequest(_describe_validation(e.errors())) from e
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidRequest("a multipart upload needs its file in the field 'file'")
+        data = await upload.read(settings.max_upload_bytes + 1)
+        if len(data) > settings.max_upload_bytes:
+            raise PayloadTooLarge(f"the upload exceeds {settings.max_upload_bytes} bytes")
+        fields = {k: v for k, v in form.items() if k != "file" and isinstance(v, str)}
+        return FileUpload(data=data, filename=upload.filename or ""), fields
+    finally:
+        await form.close()
+
+
+async def _read_tensor_json(request: Request, settings: Settings) -> tuple[TensorUpload, dict[str, Any]]:
+    data = await read_body(request, settings.max_upload_bytes)
+    body = await parse_json(TensorJobRequest, data, _describe_validation)
     options = {"callback_url": body.callback_url, "priority": body.priority, "idempotency_key": body.idempotency_key}
-    return TensorUpload(inputs=body.inputs), options
+    return TensorUpload(inputs=body.inputs), {k: v for k, v in options.items() if v is not None}
 
 
-def _options(fields: dict[str, Any], header_key: str | None) -> SubmitOptions:
+def _options(fields: dict[str, Any], header_key: str | None, tenant: str) -> SubmitOptions:
     priority = fields.get("priority")
     try:
         priority_value = int(priority) if priority not in (None, "") else 0
     except (TypeError, ValueError) as e:
         raise InvalidRequest(f"priority must be an integer 0..9, got {priority!r}") from e
     key = fields.get("idempotency_key") or header_key
-    return SubmitOptions(callback_url=fields.get("callback_url") or None, priority=priority_value, idempotency_key=key)
+    return SubmitOptions(
+        callback_url=fields.get("callback_url") or None, priority=priority_value, idempotency_key=key, tenant=tenant
+    )
+
+
+def _refuse_query_options(request: Request) -> None:
+    if request.url.query:
+        raise OptionsInQuery(
+            "job options are not taken from the query string (it ends up in logs); send them in the body, "
+            "or for a bare image body in the headers Idempotency-Key, Inferq-Priority and Inferq-Callback-Url"
+        )
 
 
 def _check_length(request: Request, settings: Settings) -> None:
-    length = request.headers.get("content-length")
     # Multipart framing adds a little; refuse early only what cannot fit by any measure.
-    if length and length.isdigit() and int(length) > settings.max_upload_bytes + 64 * 1024:
-        raise PayloadTooLarge(f"the upload exceeds {settings.max_upload_bytes} bytes")
+    check_declared_length(request, settings.max_upload_bytes + 64 * 1024)
 
 
 def _register_job_routes(app: FastAPI, state: ApiState) -> None:
@@ -202,16 +241,17 @@ def _register_job_routes(app: FastAPI, state: ApiState) -> None:
         summary="Submit a job: a file upload (image models) or OIP tensors as JSON (tensor models)",
     )
     async def submit_job(
-        model: str, request: Request, idempotency_key: str | None = Header(default=None)
+        model: str, request: Request, principal: Submitter, idempotency_key: str | None = Header(default=None)
     ) -> JSONResponse:
         state.registry.get_model(model)
+        _refuse_query_options(request)
         _check_length(request, state.settings)
         content_type = request.headers.get("content-type", "")
         upload: FileUpload | TensorUpload
         if content_type.startswith("multipart/form-data"):
             upload, fields = await _read_upload(request, state.settings)
         elif content_type.startswith("application/json"):
-            upload, fields = await _read_tensor_json(request)
+            upload, fields = await _read_tensor_json(request, state.settings)
         elif content_type.startswith(_RAW_IMAGE_TYPES):
             upload, fields = await _read_raw_image(request, state.settings)
         else:
@@ -219,7 +259,10 @@ def _register_job_routes(app: FastAPI, state: ApiState) -> None:
                 "send multipart/form-data with a 'file' field, a bare application/dicom, image/png or image/jpeg "
                 "body, or application/json with 'inputs'"
             )
-        receipt = await run_in_threadpool(state.submitter.submit, model, upload, _options(fields, idempotency_key))
+        options = _options({**_header_options(request), **fields}, idempotency_key, principal.tenant)
+        receipt = await anyio.to_thread.run_sync(
+            state.submitter.submit, model, upload, options, limiter=state.probe_limiter
+        )
         status_url = str(request.url_for("get_job", job_id=receipt.job_id))
         accepted = JobAccepted(job_id=receipt.job_id, status=receipt.status, status_url=status_url)  # type: ignore[arg-type]
         headers = {"Location": status_url}
@@ -228,23 +271,25 @@ def _register_job_routes(app: FastAPI, state: ApiState) -> None:
         return JSONResponse(status_code=202, content=accepted.model_dump(), headers=headers)
 
     @app.get("/v1/jobs/{job_id}", response_model=JobView, responses=_ERRORS, name="get_job")
-    def get_job(job_id: str) -> dict[str, Any]:
+    def get_job(job_id: str, principal: Reader) -> dict[str, Any]:
+        require_own_job(state.stores.jobs, principal, job_id)
         return state.stores.jobs.view(job_id)
 
     @app.delete("/v1/jobs/{job_id}", response_model=JobView, responses=_ERRORS, summary="Cancel a queued job")
-    def cancel_job(job_id: str) -> dict[str, Any]:
+    def cancel_job(job_id: str, principal: Submitter) -> dict[str, Any]:
+        require_own_job(state.stores.jobs, principal, job_id)
         state.stores.jobs.cancel(job_id)
         return state.stores.jobs.view(job_id)
 
 
 def _register_model_routes(app: FastAPI, state: ApiState) -> None:
-    @app.get("/v1/models", summary="The model registry, with each model's queue depth")
-    def list_models() -> dict[str, Any]:
+    @app.get("/v1/models", summary="The model registry, with each model's queue depth", responses=_ERRORS)
+    def list_models(_: Reader) -> dict[str, Any]:
         depths = state.submitter.queue_depths()
         return {"models": [{**spec.metadata(), "queue_depth": depths[name]} for name, spec in state.registry.items()]}
 
     @app.get("/v1/models/{model}", responses=_ERRORS)
-    def get_model(model: str) -> dict[str, Any]:
+    def get_model(model: str, _: Reader) -> dict[str, Any]:
         spec = state.registry.get_model(model)
         return {**spec.metadata(), "queue_depth": state.submitter.queue_depths()[model]}
 
@@ -263,6 +308,12 @@ def _register_health_routes(app: FastAPI, state: ApiState) -> None:
         return {"status": "ready"}
 
 
+def _docs_urls(settings: Settings) -> dict[str, str | None]:
+    if settings.api_docs_enabled:
+        return {}
+    return {"docs_url": None, "redoc_url": None, "openapi_url": None}
+
+
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
     settings = settings or Settings()
     registry = registry or load_registry(settings.registry_path)
@@ -271,7 +322,13 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     )
     celery_app = build_celery(settings, registry)
     submitter = JobSubmitter(settings=settings, registry=registry, stores=stores, celery_app=celery_app)
-    state = ApiState(settings=settings, registry=registry, stores=stores, submitter=submitter)
+    state = ApiState(
+        settings=settings,
+        registry=registry,
+        stores=stores,
+        submitter=submitter,
+        probe_limiter=anyio.CapacityLimiter(settings.max_concurrent_probes),
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
@@ -284,7 +341,10 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         version="0.1.0",
         description="Asynchronous inference jobs on Celery and Redis. Models marked trained=false are untrained.",
         lifespan=lifespan,
+        **_docs_urls(settings),
     )
+    app.state.api_keys = ApiKeyStore(stores.text)
+    app.add_middleware(AccessLogMiddleware, known_models=list(registry))
     _install_error_handlers(app)
     _register_job_routes(app, state)
     _register_model_routes(app, state)

@@ -17,7 +17,7 @@ from protocol.connections import Stores
 from protocol.errors import BackendUnavailable, InvalidRequest
 from protocol.intake import FileUpload, TensorUpload, ValidatedInput, validate_input
 from protocol.jobs import JobStatus, new_job_id
-from protocol.keys import queue_lists, task_name_for
+from protocol.keys import idempotency_token, queue_lists, task_name_for
 from protocol.registry import ModelSpec, Registry
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ class SubmitOptions:
     callback_url: str | None = None
     priority: int = 0
     idempotency_key: str | None = None
+    # The submitting key's tenant: stored on the job, and part of the idempotency key's hash.
+    tenant: str = ""
 
     def __post_init__(self) -> None:
         if not 0 <= self.priority <= MAX_PRIORITY:
@@ -82,11 +84,15 @@ class JobSubmitter:
             "blob_ref": blob_ref,
             "priority": str(options.priority),
             "callback_url": options.callback_url or "",
-            "idempotency_key": options.idempotency_key or "",
             "input_kind": validated.input_kind,
             "media_type": validated.media_type,
+            "tenant": options.tenant,
         }
-        stored_id = self._stores.jobs.create(job_id, fields, idempotency=options.idempotency_key)
+        # Only a hash of the client's idempotency key is kept: the key itself may be an accession number.
+        idempotency = (
+            idempotency_token(options.tenant, spec.name, options.idempotency_key) if options.idempotency_key else None
+        )
+        stored_id = self._stores.jobs.create(job_id, fields, idempotency=idempotency)
         if stored_id != job_id:
             self._stores.blobs.delete(blob_ref)
             status = self._stores.jobs.fields(stored_id)["status"]

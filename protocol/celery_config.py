@@ -11,7 +11,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from config import Settings
-from protocol.errors import InvalidRequest
+from protocol.errors import ConfigError
 from protocol.keys import queue_for, task_name_for
 from protocol.registry import Registry
 
@@ -32,7 +32,7 @@ def celery_config(settings: Settings, registry: Registry) -> dict[str, Any]:
     url = settings.redis_url_or_default
     longest_s = max(spec.time_limit_s for spec in registry.values()) + HARD_LIMIT_GRACE_S
     if settings.broker_visibility_timeout_s <= longest_s:
-        raise InvalidRequest(
+        raise ConfigError(
             f"broker_visibility_timeout_s ({settings.broker_visibility_timeout_s}) must exceed the longest time "
             f"limit plus grace ({longest_s}), or Redis redelivers jobs that are still running"
         )

@@ -74,6 +74,8 @@ if not status then return 'missing' end
 if status == 'queued' and tonumber(now) > tonumber(redis.call('HGET', KEYS[1], 'expires_at')) then
   redis.call('HSET', KEYS[1], 'status', 'expired', 'finished_at', now, 'error', ARGV[1])
   redis.call('EXPIRE', KEYS[1], ARGV[2])
+  local ref = redis.call('HGET', KEYS[1], 'blob_ref')
+  if ref then redis.call('DEL', '{blob_key("")}' .. ref) end
   return 'expired'
 end
 if status == 'queued' or status == 'running' then
@@ -92,7 +94,8 @@ if status ~= ARGV[1] then return status end
 {_NOW}
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', now, 'result', ARGV[3], 'error', ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('EXPIRE', KEYS[2], ARGV[5])
+-- The upload (a DICOM carries the patient's name in its header) is kept no longer than the job needs it.
+redis.call('DEL', KEYS[2])
 return 'ok'
 """
 

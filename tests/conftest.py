@@ -24,7 +24,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
 
 @pytest.fixture
 def redis_url(redis_server: EmbeddedRedis) -> Iterator[str]:
-    url = f"redis://127.0.0.1:{redis_server.port}/{next(_UNIT_DATABASES)}"
+    url = redis_server.url_for(next(_UNIT_DATABASES))
     client = redis.Redis.from_url(url)
     client.flushdb()
     yield url

@@ -65,7 +65,7 @@ def stack(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory)
     api_port = free_port()
     env = {
         **os.environ,
-        "INFERQ_REDIS_URL": f"redis://127.0.0.1:{redis_server.port}/0",
+        "INFERQ_REDIS_URL": redis_server.url_for(0),
         "INFERQ_REGISTRY_PATH": str(_test_registry(tmp)),
         "INFERQ_MODELS_DIR": str(Settings().models_dir),
         "INFERQ_API_PORT": str(api_port),

@@ -6,7 +6,7 @@ import pytest
 
 from config import DEFAULT_REGISTRY_PATH, Settings
 from protocol.celery_config import build_celery, celery_config
-from protocol.errors import InvalidRequest
+from protocol.errors import ConfigError
 from protocol.registry import load_registry
 
 REGISTRY = load_registry(DEFAULT_REGISTRY_PATH)
@@ -34,5 +34,5 @@ def test_each_model_has_its_own_queue_and_route() -> None:
 
 
 def test_the_visibility_timeout_must_outlast_every_time_limit() -> None:
-    with pytest.raises(InvalidRequest, match="visibility"):
+    with pytest.raises(ConfigError, match="visibility"):
         celery_config(Settings(broker_visibility_timeout_s=60), REGISTRY)

@@ -108,7 +108,7 @@ def test_an_idempotency_key_returns_the_first_job(store: JobStore) -> None:
         store.view(second)
 
 
-def test_blobs_round_trip_and_expire_with_their_job(redis_url: str) -> None:
+def test_a_blob_is_deleted_when_its_job_ends(redis_url: str) -> None:
     stores = open_stores(redis_url, queued_ttl_s=3600, result_ttl_s=30)
     blob_ref = stores.blobs.put(b"\x00\x01pixels", ttl_s=3600)
     assert stores.blobs.get(blob_ref) == b"\x00\x01pixels"
@@ -116,7 +116,16 @@ def test_blobs_round_trip_and_expire_with_their_job(redis_url: str) -> None:
     stores.jobs.create(job_id, {"model": "fraud", "model_version": "1", "blob_ref": blob_ref})
     stores.jobs.claim(job_id, EXPIRED)
     stores.jobs.succeed(job_id, blob_ref, {})
-    assert 0 < redis.Redis.from_url(redis_url).ttl(blob_key(blob_ref)) <= 30
-    RedisBlobStore(redis.Redis.from_url(redis_url)).delete(blob_ref)
+    assert not redis.Redis.from_url(redis_url).exists(blob_key(blob_ref))
     with pytest.raises(BlobMissing):
         stores.blobs.get(blob_ref)
+
+
+def test_the_blob_of_a_job_that_expires_in_the_queue_is_deleted(redis_url: str) -> None:
+    stores = open_stores(redis_url, queued_ttl_s=1, result_ttl_s=30)
+    blob_ref = stores.blobs.put(b"DICM header with a name", ttl_s=3600)
+    job_id = new_job_id()
+    stores.jobs.create(job_id, {"model": "fraud", "model_version": "1", "blob_ref": blob_ref})
+    redis.Redis.from_url(redis_url).hset(job_key(job_id), "expires_at", "0")
+    assert stores.jobs.claim(job_id, EXPIRED) == "expired"
+    assert not redis.Redis.from_url(redis_url).exists(blob_key(blob_ref))
