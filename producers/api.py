@@ -318,7 +318,10 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     settings = settings or Settings()
     registry = registry or load_registry(settings.registry_path)
     stores = open_stores(
-        settings.redis_url_or_default, queued_ttl_s=settings.queued_ttl_s, result_ttl_s=settings.result_ttl_s
+        settings.redis_url_or_default,
+        queued_ttl_s=settings.queued_ttl_s,
+        result_ttl_s=settings.result_ttl_s,
+        ca_file=settings.redis_tls_ca_file,
     )
     celery_app = build_celery(settings, registry)
     submitter = JobSubmitter(settings=settings, registry=registry, stores=stores, celery_app=celery_app)

@@ -17,8 +17,16 @@ FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "expired"})
 class InferqClient:
     """A thin client of the HTTP API. Errors the API answers with are raised as `RemoteError` (code kept)."""
 
-    def __init__(self, base_url: str, *, timeout_s: float = 30.0, transport: httpx.BaseTransport | None = None):
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s, transport=transport)
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s, transport=transport, headers=headers)
 
     def __enter__(self) -> InferqClient:
         return self

@@ -11,6 +11,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from config import Settings
+from protocol.connections import tls_options
 from protocol.errors import ConfigError
 from protocol.keys import queue_for, task_name_for
 from protocol.registry import Registry
@@ -64,7 +65,14 @@ def celery_config(settings: Settings, registry: Registry) -> dict[str, Any]:
         # On a lost broker connection, stop running tasks: late acks mean they will be redelivered anyway.
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "broker_connection_retry_on_startup": True,
+        **_tls_config(settings),
     }
+
+
+def _tls_config(settings: Settings) -> dict[str, Any]:
+    # kombu connects to a rediss:// broker without checking the server's certificate unless told to.
+    options = tls_options(settings.redis_url_or_default, settings.redis_tls_ca_file)
+    return {"broker_use_ssl": options, "redis_backend_use_ssl": options} if options else {}
 
 
 def build_celery(settings: Settings, registry: Registry) -> Celery:
