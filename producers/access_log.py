@@ -32,7 +32,9 @@ log = logging.getLogger(ACCESS_LOGGER)
 
 def configure_access_log(path: Path | None) -> None:
     """Send the access log to `path` (appended) or standard error, one bare JSON line per record."""
-    handler: logging.Handler = logging.FileHandler(path, encoding="utf-8") if path else logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = (
+        logging.FileHandler(path, encoding="utf-8") if path else logging.StreamHandler(sys.stderr)
+    )
     handler.setFormatter(logging.Formatter("%(message)s"))
     for old in list(log.handlers):
         log.removeHandler(old)

@@ -308,12 +308,6 @@ def _register_health_routes(app: FastAPI, state: ApiState) -> None:
         return {"status": "ready"}
 
 
-def _docs_urls(settings: Settings) -> dict[str, str | None]:
-    if settings.api_docs_enabled:
-        return {}
-    return {"docs_url": None, "redoc_url": None, "openapi_url": None}
-
-
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
     settings = settings or Settings()
     registry = registry or load_registry(settings.registry_path)
@@ -344,7 +338,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         version="0.1.0",
         description="Asynchronous inference jobs on Celery and Redis. Models marked trained=false are untrained.",
         lifespan=lifespan,
-        **_docs_urls(settings),
+        # Off: no /docs, /redoc or /openapi.json at all.
+        openapi_url="/openapi.json" if settings.api_docs_enabled else None,
     )
     app.state.api_keys = ApiKeyStore(stores.text)
     app.add_middleware(AccessLogMiddleware, known_models=list(registry))

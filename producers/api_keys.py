@@ -80,14 +80,14 @@ class ApiKeyStore:
             "created_at": f"{time.time():.3f}",
         }
         pipe = self._redis.pipeline()
-        pipe.hset(api_key_record(principal.key_id), mapping=record)
+        pipe.hset(api_key_record(principal.key_id), mapping=record)  # type: ignore[arg-type]
         pipe.sadd(api_key_index(), principal.key_id)
         pipe.execute()
         return IssuedKey(principal=principal, key=key)
 
     def list(self) -> list[dict[str, str]]:
         """Every key's id, tenant, roles and creation time; never a secret or its hash."""
-        key_ids = sorted(self._redis.smembers(api_key_index()))  # type: ignore[arg-type]
+        key_ids = sorted(str(k) for k in self._redis.smembers(api_key_index()))  # type: ignore[union-attr,unused-ignore]
         pipe = self._redis.pipeline()
         for key_id in key_ids:
             pipe.hmget(api_key_record(key_id), "tenant", "roles", "created_at")
@@ -112,7 +112,7 @@ class ApiKeyStore:
         if match is None:
             raise Unauthorized("the API key is not valid")
         key_id = match["key_id"]
-        tenant, roles, stored = self._redis.hmget(api_key_record(key_id), "tenant", "roles", "sha256")  # type: ignore[misc]
+        tenant, roles, stored = self._redis.hmget(api_key_record(key_id), "tenant", "roles", "sha256")
         if stored is None or not hmac.compare_digest(str(stored), _digest(key)):
             raise Unauthorized("the API key is not valid")
         return Principal(key_id=key_id, tenant=str(tenant), roles=frozenset(str(roles).split(",")))

@@ -8,7 +8,7 @@ thread, so a large tensor body does not stall every other request on the event l
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -34,7 +34,7 @@ def check_declared_length(request: Request, limit_bytes: int) -> None:
         raise PayloadTooLarge(f"the upload exceeds {limit_bytes} bytes")
 
 
-async def _counted(request: Request, limit_bytes: int, shown_limit_bytes: int) -> AsyncIterator[bytes]:
+async def _counted(request: Request, limit_bytes: int, shown_limit_bytes: int) -> AsyncGenerator[bytes, None]:
     seen_bytes = 0
     try:
         async for chunk in request.stream():

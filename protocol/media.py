@@ -72,6 +72,7 @@ def _install_warning_hooks() -> None:
     warnings.showwarning = showwarning
     logging.getLogger("py.warnings").addFilter(lambda _record: not _inside_boundary())
 
+
 __all__ = [
     "ACCEPTED_MEDIA",
     "SUPPORTED_PHOTOMETRICS",

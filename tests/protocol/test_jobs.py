@@ -8,7 +8,6 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from protocol.blobs import RedisBlobStore
 from protocol.connections import open_stores
 from protocol.errors import BlobMissing, JobNotCancellable, UnknownJob
 from protocol.jobs import JobStore, new_job_id
