@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from config import DEFAULT_REGISTRY_PATH, Settings
@@ -36,3 +38,22 @@ def test_each_model_has_its_own_queue_and_route() -> None:
 def test_the_visibility_timeout_must_outlast_every_time_limit() -> None:
     with pytest.raises(ConfigError, match="visibility"):
         celery_config(Settings(broker_visibility_timeout_s=60), REGISTRY)
+
+
+def test_a_rediss_url_makes_celery_and_redis_py_verify_the_certificate(tmp_path: Path) -> None:
+    import ssl
+
+    from protocol.connections import redis_client
+
+    ca = tmp_path / "ca.pem"
+    url = "rediss://:secret@redis.example:6380/0"
+    config = celery_config(Settings(redis_url=url, redis_tls_ca_file=ca), load_registry(DEFAULT_REGISTRY_PATH))
+    for name in ("broker_use_ssl", "redis_backend_use_ssl"):
+        assert config[name] == {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": str(ca)}
+    plain = celery_config(Settings(redis_url="redis://:s@h:6379/0"), load_registry(DEFAULT_REGISTRY_PATH))
+    assert "broker_use_ssl" not in plain and "redis_backend_use_ssl" not in plain
+    # Celery's own app accepts the options for a rediss:// backend (it refuses one without ssl_cert_reqs).
+    app = build_celery(Settings(redis_url=url), load_registry(DEFAULT_REGISTRY_PATH))
+    assert app.backend.connparams["ssl_cert_reqs"] == ssl.CERT_REQUIRED
+    kwargs = redis_client(url, decode=True, ca_file=ca).connection_pool.connection_kwargs
+    assert kwargs["ssl_cert_reqs"] == ssl.CERT_REQUIRED and kwargs["ssl_ca_certs"] == str(ca)
