@@ -10,10 +10,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from kombu import Connection, Exchange
 
 from producers.demo import fraud_example
-from protocol.keys import task_name_for
+from protocol.keys import blob_key, job_key, task_name_for
 from tests.conftest import dump_redis
 from tests.integration.conftest import Stack
 
@@ -69,7 +70,9 @@ def test_identifiable_dicoms_leave_no_trace_in_logs_or_redis(stack: Stack) -> No
         assert value not in logs
         assert value.encode() not in redis_dump
     # The uploads themselves are gone: a blob lives only while its job does.
-    assert not [k for k in redis_dump.split(b"\n") if k.startswith(b"inferq:blob:")]
+    client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    blob_refs = [client.hget(job_key(job_id), "blob_ref") for job_id in job_ids]
+    assert all(blob_refs) and not any(client.exists(blob_key(ref)) for ref in blob_refs)  # type: ignore[arg-type]
 
 
 class _Planted:

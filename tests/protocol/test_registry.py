@@ -63,3 +63,10 @@ def test_an_unreadable_file_is_a_clear_error(tmp_path: Path) -> None:
     broken.write_text("[models.a\n")
     with pytest.raises(ConfigError, match="cannot read"):
         load_registry(broken)
+
+
+def test_a_configuration_mistake_is_not_a_client_error() -> None:
+    from protocol.errors import ClientError, InferqError
+
+    assert issubclass(ConfigError, InferqError) and not issubclass(ConfigError, ClientError)
+    assert ConfigError("x").to_dict() == {"code": "config_error", "message": "x", "retryable": False}
