@@ -124,6 +124,28 @@ class Settings(BaseSettings):
         default=5.0, gt=0, description="Delay before a failed callback's second attempt; doubles, at most 10 min."
     )
 
+    # --- security
+    api_key: SecretStr | None = Field(
+        default=None, description="The API key clients (`inferq submit`, InferqClient) send as a Bearer token."
+    )
+    api_docs_enabled: bool = Field(
+        default=True, description="Serve /docs, /redoc and /openapi.json (they describe the API, never data)."
+    )
+    access_log_path: Path | None = Field(
+        default=None, description="Append the API's JSON-lines access log here; unset: standard error."
+    )
+    flower_basic_auth: SecretStr | None = Field(
+        default=None, description="'user:password' for Flower; `inferq flower` refuses to start without it."
+    )
+    redis_tls_ca_file: Path | None = Field(
+        default=None,
+        description="CA bundle that signs the Redis server's certificate (rediss:// URLs); unset: the system's. "
+        "The certificate is always verified.",
+    )
+    max_concurrent_probes: int = Field(
+        default=4, gt=0, description="Uploads whose headers the API probes at once; bounds the memory of inflating."
+    )
+
     # --- demo
     data_dir: Path = Field(default=Path(".inferq"), description="Private Redis data (AOF) and demo samples.")
 

@@ -1,23 +1,33 @@
 """The HTTP API: submit jobs, poll them, cancel them, list models. Every error is `{"error": {code, message,
-retryable}}` with a 4xx or 503 status; no stack trace and no patient data ever reaches a client."""
+retryable}}` with a 4xx or 503 status; no stack trace and no patient data ever reaches a client.
+
+Every route but the health probes needs an API key (`producers.auth`); bodies are read under the size limit
+(`producers.bodies`); each request leaves one line in the access log (`producers.access_log`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import anyio
 import redis
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from config import Settings
+from producers.access_log import AccessLogMiddleware
+from producers.api_keys import ApiKeyStore
+from producers.auth import Reader, Submitter, require_own_job
+from producers.bodies import check_declared_length, parse_json, read_body, read_multipart
 from producers.bulk import JobsQuery, outcomes_of, read_file_items, read_json_body, read_tensor_items
 from producers.submit import JobSubmitter, Receipt, SubmitItem, SubmitOptions
 from producers.waiting import CompletionHub, is_final, prefer_wait_s, wait_for_jobs
@@ -26,10 +36,14 @@ from protocol.codec import TensorPayload
 from protocol.connections import Stores, open_stores
 from protocol.errors import (
     BackendUnavailable,
+    ClientError,
     InferqError,
     InvalidRequest,
+    OptionsInQuery,
+    Overloaded,
     PayloadTooLarge,
     QueueFull,
+    Unauthorized,
     UnknownJob,
     error_payload,
 )
@@ -83,7 +97,7 @@ class JobView(BaseModel):
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 404, 409, 413, 415, 422, 429, 503)
+    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 415, 422, 429, 503)
 }
 _SUBMIT_BODY = {
     "requestBody": {
@@ -115,6 +129,8 @@ class ApiState:
     registry: Registry
     stores: Stores
     submitter: JobSubmitter
+    # Probing an upload may inflate a deflated DICOM: few at once, so many large uploads cannot exhaust memory.
+    probe_limiter: anyio.CapacityLimiter
     hub: CompletionHub
 
     async def read_jobs(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
@@ -141,7 +157,15 @@ def _retry_after(exc: InferqError, settings: Settings) -> dict[str, str] | None:
 def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
     @app.exception_handler(InferqError)
     async def _inferq_error(_: Request, exc: InferqError) -> JSONResponse:
-        return _error_response(exc.http_status, exc.to_dict(), _retry_after(exc, settings))
+        headers = dict(_retry_after(exc, settings) or {})
+        if isinstance(exc, Unauthorized):
+            headers["WWW-Authenticate"] = "Bearer"
+        return _error_response(exc.http_status, exc.to_dict(), headers or None)
+
+    @app.exception_handler(MemoryError)
+    async def _out_of_memory(_: Request, exc: MemoryError) -> JSONResponse:
+        log.warning("out of memory while handling a request; answered 503")
+        return _error_response(503, Overloaded("the service is short of memory; send the request again").to_dict())
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -172,52 +196,66 @@ def _describe_validation(errors: Any) -> str:
 _RAW_IMAGE_TYPES = ("application/dicom", "image/png", "image/jpeg")
 
 
+# Options of a bare image body travel in headers: a query string lands in access logs and proxies' logs, and
+# an idempotency key or callback URL may carry an identifier (an accession number).
+_OPTION_HEADERS = {"priority": "inferq-priority", "callback_url": "inferq-callback-url"}
+
+
+def _header_options(request: Request) -> dict[str, Any]:
+    return {name: request.headers[header] for name, header in _OPTION_HEADERS.items() if header in request.headers}
+
+
 async def _read_raw_image(request: Request, settings: Settings) -> tuple[FileUpload, dict[str, Any]]:
-    """A bare image body (`Content-Type: application/dicom`, `image/png`, `image/jpeg`); options from the query."""
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > settings.max_upload_bytes:
-            raise PayloadTooLarge(f"the upload exceeds {settings.max_upload_bytes} bytes")
-    return FileUpload(data=bytes(data)), dict(request.query_params)
+    """A bare image body (`Content-Type: application/dicom`, `image/png`, `image/jpeg`); options from headers."""
+    data = await read_body(request, settings.max_upload_bytes)
+    return FileUpload(data=data), {}
 
 
 async def _read_upload(request: Request, settings: Settings) -> tuple[FileUpload, dict[str, Any]]:
-    form = await request.form(max_files=1, max_fields=10)
-    upload = form.get("file")
-    if not isinstance(upload, UploadFile):
-        raise InvalidRequest("a multipart upload needs its file in the field 'file'")
-    data = await upload.read(settings.max_upload_bytes + 1)
-    if len(data) > settings.max_upload_bytes:
-        raise PayloadTooLarge(f"the upload exceeds {settings.max_upload_bytes} bytes")
-    fields = {k: v for k, v in form.items() if k != "file" and isinstance(v, str)}
-    return FileUpload(data=data, filename=upload.filename or ""), fields
-
-
-async def _read_tensor_json(request: Request) -> tuple[TensorUpload, dict[str, Any]]:
+    form = await read_multipart(request, settings.max_upload_bytes)
     try:
-        body = TensorJobRequest.model_validate_json(await request.body())
-    except ValidationError as e:
-        raise InvalidRequest(_describe_validation(e.errors())) from e
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidRequest("a multipart upload needs its file in the field 'file'")
+        data = await upload.read(settings.max_upload_bytes + 1)
+        if len(data) > settings.max_upload_bytes:
+            raise PayloadTooLarge(f"the upload exceeds {settings.max_upload_bytes} bytes")
+        fields = {k: v for k, v in form.items() if k != "file" and isinstance(v, str)}
+        return FileUpload(data=data, filename=upload.filename or ""), fields
+    finally:
+        await form.close()
+
+
+async def _read_tensor_json(request: Request, settings: Settings) -> tuple[TensorUpload, dict[str, Any]]:
+    data = await read_body(request, settings.max_upload_bytes)
+    body = await parse_json(TensorJobRequest, data, _describe_validation)
     options = {"callback_url": body.callback_url, "priority": body.priority, "idempotency_key": body.idempotency_key}
-    return TensorUpload(inputs=body.inputs), options
+    return TensorUpload(inputs=body.inputs), {k: v for k, v in options.items() if v is not None}
 
 
-def _options(fields: dict[str, Any], header_key: str | None) -> SubmitOptions:
+def _options(fields: dict[str, Any], header_key: str | None, tenant: str) -> SubmitOptions:
     priority = fields.get("priority")
     try:
         priority_value = int(priority) if priority not in (None, "") else 0
     except (TypeError, ValueError) as e:
         raise InvalidRequest(f"priority must be an integer 0..9, got {priority!r}") from e
     key = fields.get("idempotency_key") or header_key
-    return SubmitOptions(callback_url=fields.get("callback_url") or None, priority=priority_value, idempotency_key=key)
+    return SubmitOptions(
+        callback_url=fields.get("callback_url") or None, priority=priority_value, idempotency_key=key, tenant=tenant
+    )
+
+
+def _refuse_query_options(request: Request) -> None:
+    if request.url.query:
+        raise OptionsInQuery(
+            "job options are not taken from the query string (it ends up in logs); send them in the body, "
+            "or for a bare image body in the headers Idempotency-Key, Inferq-Priority and Inferq-Callback-Url"
+        )
 
 
 def _check_length(request: Request, settings: Settings) -> None:
-    length = request.headers.get("content-length")
     # Multipart framing adds a little; refuse early only what cannot fit by any measure.
-    if length and length.isdigit() and int(length) > settings.max_upload_bytes + 64 * 1024:
-        raise PayloadTooLarge(f"the upload exceeds {settings.max_upload_bytes} bytes")
+    check_declared_length(request, settings.max_upload_bytes + 64 * 1024)
 
 
 def _register_job_routes(app: FastAPI, state: ApiState) -> None:
@@ -232,19 +270,21 @@ def _register_job_routes(app: FastAPI, state: ApiState) -> None:
     async def submit_job(
         model: str,
         request: Request,
+        principal: Submitter,
         idempotency_key: str | None = Header(default=None),
         prefer: str | None = Header(
             default=None, description="RFC 7240 `wait=N`: answer 200 with the job if it ends within N seconds"
         ),
     ) -> JSONResponse:
         state.registry.get_model(model)
+        _refuse_query_options(request)
         _check_length(request, state.settings)
         content_type = request.headers.get("content-type", "")
         upload: FileUpload | TensorUpload
         if content_type.startswith("multipart/form-data"):
             upload, fields = await _read_upload(request, state.settings)
         elif content_type.startswith("application/json"):
-            upload, fields = await _read_tensor_json(request)
+            upload, fields = await _read_tensor_json(request, state.settings)
         elif content_type.startswith(_RAW_IMAGE_TYPES):
             upload, fields = await _read_raw_image(request, state.settings)
         else:
@@ -252,21 +292,27 @@ def _register_job_routes(app: FastAPI, state: ApiState) -> None:
                 "send multipart/form-data with a 'file' field, a bare application/dicom, image/png or image/jpeg "
                 "body, or application/json with 'inputs'"
             )
-        receipt = await run_in_threadpool(state.submitter.submit, model, upload, _options(fields, idempotency_key))
+        options = _options({**_header_options(request), **fields}, idempotency_key, principal.tenant)
+        receipt = await anyio.to_thread.run_sync(
+            state.submitter.submit, model, upload, options, limiter=state.probe_limiter
+        )
         return await _accepted(state, request, receipt, prefer_wait_s(prefer))
 
     @app.get("/v1/jobs/{job_id}", response_model=JobView, responses=_ERRORS, name="get_job")
     async def get_job(
         job_id: str,
+        principal: Reader,
         wait_s: float = Query(default=0.0, ge=0, description="Wait up to this long (capped) for the job to end"),
     ) -> dict[str, Any]:
+        await run_in_threadpool(require_own_job, state.stores.jobs, principal, job_id)
         [view] = await state.wait_jobs([job_id], wait_s)
         if view is None:
             raise UnknownJob(f"no job with id {job_id!r}")
         return dict(view)
 
     @app.delete("/v1/jobs/{job_id}", response_model=JobView, responses=_ERRORS, summary="Cancel a queued job")
-    def cancel_job(job_id: str) -> dict[str, Any]:
+    def cancel_job(job_id: str, principal: Submitter) -> dict[str, Any]:
+        require_own_job(state.stores.jobs, principal, job_id)
         state.stores.jobs.cancel(job_id)
         return state.stores.jobs.view(job_id)
 
@@ -294,7 +340,7 @@ def _register_bulk_routes(app: FastAPI, state: ApiState) -> None:
         summary="Submit many jobs at once: JSON {'jobs': [...]} (tensor models) or several 'file' parts (image models)",
     )
     async def submit_bulk(
-        model: str, request: Request, idempotency_key: str | None = Header(default=None)
+        model: str, request: Request, principal: Submitter, idempotency_key: str | None = Header(default=None)
     ) -> dict[str, Any]:
         state.registry.get_model(model)
         content_type = request.headers.get("content-type", "")
@@ -304,6 +350,8 @@ def _register_bulk_routes(app: FastAPI, state: ApiState) -> None:
             items = read_tensor_items(await read_json_body(request, state.settings), state.settings, idempotency_key)
         else:
             raise InvalidRequest("send application/json with 'jobs', or multipart/form-data with 'file' parts")
+        # Every job of the request belongs to the submitting key's tenant (its idempotency keys too).
+        items = [_for_tenant(item, principal.tenant) for item in items]
         readable = [item for item in items if isinstance(item, SubmitItem)]
         submitted = await run_in_threadpool(state.submitter.submit_many, model, readable) if readable else []
         jobs = [_bulk_entry(request, outcome) for outcome in outcomes_of(items, submitted)]
@@ -311,15 +359,25 @@ def _register_bulk_routes(app: FastAPI, state: ApiState) -> None:
         return {"accepted": accepted, "rejected": len(jobs) - accepted, "jobs": jobs}
 
     @app.post("/v1/jobs/query", responses=_ERRORS, summary="Many jobs' states, waiting until all (or any) end")
-    async def query_jobs(query: JobsQuery) -> dict[str, Any]:
+    async def query_jobs(query: JobsQuery, principal: Reader) -> dict[str, Any]:
         if len(query.job_ids) > state.settings.max_bulk_jobs:
             raise InvalidRequest(f"a query holds at most {state.settings.max_bulk_jobs} job ids")
-        views = await state.wait_jobs(query.job_ids, query.wait_s, query.until)
+        # Another tenant's job reads as unknown, exactly like one that does not exist.
+        tenants = await run_in_threadpool(state.stores.jobs.tenants, query.job_ids)
+        own = [job_id for job_id, tenant in zip(query.job_ids, tenants, strict=True) if tenant == principal.tenant]
+        waited = dict(zip(own, await state.wait_jobs(own, query.wait_s, query.until), strict=True)) if own else {}
+        views = [waited.get(job_id) for job_id in query.job_ids]
         jobs = [
             view or {"job_id": job_id, "error": UnknownJob("no such job").to_dict()}
             for job_id, view in zip(query.job_ids, views, strict=True)
         ]
         return {"pending": sum(not is_final(view) for view in views), "jobs": jobs}
+
+
+def _for_tenant(item: SubmitItem | ClientError, tenant: str) -> SubmitItem | ClientError:
+    if isinstance(item, ClientError):
+        return item
+    return dataclasses.replace(item, options=dataclasses.replace(item.options, tenant=tenant))
 
 
 def _bulk_entry(request: Request, outcome: Receipt | InferqError) -> dict[str, Any]:
@@ -330,13 +388,13 @@ def _bulk_entry(request: Request, outcome: Receipt | InferqError) -> dict[str, A
 
 
 def _register_model_routes(app: FastAPI, state: ApiState) -> None:
-    @app.get("/v1/models", summary="The model registry, with each model's queue depth")
-    def list_models() -> dict[str, Any]:
+    @app.get("/v1/models", summary="The model registry, with each model's queue depth", responses=_ERRORS)
+    def list_models(_: Reader) -> dict[str, Any]:
         depths = state.submitter.queue_depths()
         return {"models": [{**spec.metadata(), "queue_depth": depths[name]} for name, spec in state.registry.items()]}
 
     @app.get("/v1/models/{model}", responses=_ERRORS)
-    def get_model(model: str) -> dict[str, Any]:
+    def get_model(model: str, _: Reader) -> dict[str, Any]:
         spec = state.registry.get_model(model)
         return {**spec.metadata(), "queue_depth": state.submitter.queue_depths()[model]}
 
@@ -359,12 +417,22 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     settings = settings or Settings()
     registry = registry or load_registry(settings.registry_path)
     stores = open_stores(
-        settings.redis_url_or_default, queued_ttl_s=settings.queued_ttl_s, result_ttl_s=settings.result_ttl_s
+        settings.redis_url_or_default,
+        queued_ttl_s=settings.queued_ttl_s,
+        result_ttl_s=settings.result_ttl_s,
+        ca_file=settings.redis_tls_ca_file,
     )
     celery_app = build_celery(settings, registry)
     submitter = JobSubmitter(settings=settings, registry=registry, stores=stores, celery_app=celery_app)
     hub = CompletionHub(settings.redis_url_or_default)
-    state = ApiState(settings=settings, registry=registry, stores=stores, submitter=submitter, hub=hub)
+    state = ApiState(
+        settings=settings,
+        registry=registry,
+        stores=stores,
+        submitter=submitter,
+        probe_limiter=anyio.CapacityLimiter(settings.max_concurrent_probes),
+        hub=hub,
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
@@ -379,7 +447,11 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         version="0.1.0",
         description="Asynchronous inference jobs on Celery and Redis. Models marked trained=false are untrained.",
         lifespan=lifespan,
+        # Off: no /docs, /redoc or /openapi.json at all.
+        openapi_url="/openapi.json" if settings.api_docs_enabled else None,
     )
+    app.state.api_keys = ApiKeyStore(stores.text)
+    app.add_middleware(AccessLogMiddleware, known_models=list(registry))
     _install_error_handlers(app, settings)
     _register_job_routes(app, state)
     _register_bulk_routes(app, state)

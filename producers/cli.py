@@ -25,6 +25,11 @@ def _settings(**overrides: Any) -> Settings:
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
 
+def _client(settings: Settings) -> InferqClient:
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    return InferqClient(settings.api_url, api_key=key)
+
+
 def _print_json(value: Any) -> None:
     click.echo(json.dumps(value, separators=(",", ":")))
 
@@ -102,7 +107,7 @@ def submit(
     options = {"priority": priority, "callback_url": callback_url}
     files = _expand(paths)
     failed = False
-    with InferqClient(settings.api_url) as client:
+    with _client(settings) as client:
         submitted: list[tuple[Path, str]] = []
         for path, outcome in zip(files, _submit_files(client, model, files, options), strict=True):
             if isinstance(outcome, str):
@@ -147,7 +152,7 @@ def _wait_all(client: InferqClient, submitted: list[tuple[Path, str]], timeout_s
 @click.option("--api-url", default=None)
 def status(job_id: str, api_url: str | None) -> None:
     """Print a job's status and result as JSON."""
-    with InferqClient(_settings(api_url=api_url).api_url) as client:
+    with _client(_settings(api_url=api_url)) as client:
         _run_client(lambda: client.status(job_id))
 
 
@@ -156,7 +161,7 @@ def status(job_id: str, api_url: str | None) -> None:
 @click.option("--api-url", default=None)
 def cancel(job_id: str, api_url: str | None) -> None:
     """Cancel a job that has not started."""
-    with InferqClient(_settings(api_url=api_url).api_url) as client:
+    with _client(_settings(api_url=api_url)) as client:
         _run_client(lambda: client.cancel(job_id))
 
 
@@ -164,7 +169,7 @@ def cancel(job_id: str, api_url: str | None) -> None:
 @click.option("--api-url", default=None)
 def models(api_url: str | None) -> None:
     """List the models the API serves, with queue depths."""
-    with InferqClient(_settings(api_url=api_url).api_url) as client:
+    with _client(_settings(api_url=api_url)) as client:
         _run_client(lambda: {"models": client.models()})
 
 
@@ -183,22 +188,75 @@ def api(host: str | None, port: int | None) -> None:
     """Serve the HTTP API (OpenAPI docs at /docs)."""
     import uvicorn
 
+    from producers.access_log import configure_access_log
     from producers.api import create_app
 
     settings = _settings(api_host=host, api_port=port)
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_level="info")
+    configure_access_log(settings.access_log_path)
+    # uvicorn's own access log prints query strings; inferq's (producers.access_log) never does.
+    uvicorn.run(
+        create_app(settings), host=settings.api_host, port=settings.api_port, log_level="info", access_log=False
+    )
 
 
 @main.command()
 @click.option("--host", default=None, help="Default: INFERQ_FLOWER_HOST (127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Default: INFERQ_FLOWER_PORT (5555).")
 def flower(host: str | None, port: int | None) -> None:
-    """Start Flower against the same broker."""
+    """Start Flower against the same broker, behind basic auth (INFERQ_FLOWER_BASIC_AUTH), control API off."""
+    from producers.flower import run_flower
+
     settings = _settings(flower_host=host, flower_port=port)
-    argv = [sys.executable, "-m", "celery", "-A", "producers.celery_app", "flower"]
-    argv += [f"--address={settings.flower_host}", f"--port={settings.flower_port}"]
-    # Replace this process, so Ctrl-C and service managers reach Flower itself.
-    os.execv(sys.executable, argv)  # noqa: S606
+    try:
+        run_flower(settings)
+    except InferqError as e:
+        raise click.ClickException(e.message) from e
+
+
+@main.group()
+def keys() -> None:
+    """Create, list and revoke API keys (stored in Redis as hashes only)."""
+
+
+def _key_store() -> Any:
+    from producers.api_keys import ApiKeyStore
+    from protocol.connections import redis_client
+
+    settings = Settings()
+    return ApiKeyStore(redis_client(settings.redis_url_or_default, decode=True, ca_file=settings.redis_tls_ca_file))
+
+
+@keys.command("create")
+@click.option("--tenant", required=True, help="The tenant the key acts for, e.g. a hospital or department.")
+@click.option("--roles", required=True, help="Comma-separated: submit, read, admin.")
+def keys_create(tenant: str, roles: str) -> None:
+    """Create a key; it is printed once, alone on the last line, and cannot be shown again."""
+    from producers.api_keys import parse_roles
+
+    try:
+        issued = _key_store().create(tenant, parse_roles(roles))
+    except InferqError as e:
+        raise click.ClickException(e.message) from e
+    p = issued.principal
+    click.echo(f"created key {p.key_id} for tenant {p.tenant} with roles {','.join(sorted(p.roles))}")
+    click.echo("store it now: only its hash is kept, so it cannot be shown again")
+    click.echo(issued.key)
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """One JSON line per key: id, tenant, roles, created_at (never the key)."""
+    for row in _key_store().list():
+        _print_json(row)
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key by its id; requests with it are refused from the next one on."""
+    if not _key_store().revoke(key_id):
+        raise click.ClickException(f"no key with id {key_id!r}")
+    click.echo(f"revoked key {key_id}")
 
 
 def _worker_cli() -> Any:

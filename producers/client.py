@@ -61,13 +61,17 @@ class InferqClient:
         self,
         base_url: str,
         *,
+        api_key: str | None = None,
         timeout_s: float = 30.0,
         retry: RetryPolicy | None = None,
         transport: httpx.BaseTransport | None = None,
     ):
         self._timeout_s = timeout_s
         self._retry = retry or RetryPolicy()
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s, transport=transport)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"), timeout=timeout_s, transport=transport, headers=headers
+        )
 
     def __enter__(self) -> InferqClient:
         return self

@@ -4,6 +4,7 @@ the HTTP API and Flower; submits sample chest X-rays and a fraud tensor over HTT
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import time
 from contextlib import ExitStack
@@ -13,11 +14,12 @@ from typing import Any
 import numpy as np
 
 from config import Settings
+from producers.api_keys import ApiKeyStore
 from producers.client import InferqClient
 from producers.redis_server import EmbeddedRedis, free_port, port_is_free
 from producers.samples import write_samples
 from producers.stack import ServiceStack
-from protocol.connections import redact_url
+from protocol.connections import redact_url, redis_client
 from protocol.errors import InferqError
 
 _API_READY_TIMEOUT_S = 90.0
@@ -36,6 +38,24 @@ def fraud_example(rows: int = 3) -> list[dict[str, Any]]:
     features = np.random.default_rng(7).standard_normal((rows, _FRAUD_FEATURES)).astype(np.float32)
     data = [round(float(v), 4) for v in features.reshape(-1)]
     return [{"name": "transactions", "shape": [rows, _FRAUD_FEATURES], "datatype": "FP32", "data": data}]
+
+
+def _demo_key(settings: Settings, redis_url: str) -> str:
+    """A key of the tenant `demo` for this run, created in Redis (only its hash is kept) and printed once."""
+    client = redis_client(redis_url, decode=True, ca_file=settings.redis_tls_ca_file)
+    try:
+        issued = ApiKeyStore(client).create("demo", frozenset({"submit", "read"}))
+    finally:
+        client.close()
+    print(f"API key (tenant demo, roles submit,read; revoke with `inferq keys revoke {issued.principal.key_id}`):")
+    print(f"  {issued.key}")
+    return issued.key
+
+
+def _flower_credentials(settings: Settings) -> str:
+    if settings.flower_basic_auth is not None:
+        return settings.flower_basic_auth.get_secret_value()
+    return f"demo:{secrets.token_urlsafe(12)}"
 
 
 def _service_env(settings: Settings, redis_url: str, api_port: int, flower_port: int) -> dict[str, str]:
@@ -106,9 +126,10 @@ def run_demo(settings: Settings, *, stay_up: bool) -> int:
             print(f"using the configured Redis at {redact_url(redis_url)}")
         api_port = _port(settings.api_host, settings.api_port)
         flower_port = _port(settings.flower_host, settings.flower_port)
-        stack = resources.enter_context(
-            ServiceStack(_service_env(settings, redis_url, api_port, flower_port), data_dir / "logs")
-        )
+        api_key = _demo_key(settings, redis_url)
+        flower_login = _flower_credentials(settings)
+        env = _service_env(settings, redis_url, api_port, flower_port) | {"INFERQ_FLOWER_BASIC_AUTH": flower_login}
+        stack = resources.enter_context(ServiceStack(env, data_dir / "logs"))
         stack.start("worker", "worker", "--pool", "cpu", "--models", "chest-xray,fraud")
         stack.start("api", "api")
         stack.start("flower", "flower")
@@ -119,7 +140,7 @@ def run_demo(settings: Settings, *, stay_up: bool) -> int:
             stack.wait_http(f"{api_url}/readyz", timeout_s=_API_READY_TIMEOUT_S)
             stack.wait_http(f"{flower_url}/healthcheck", timeout_s=_API_READY_TIMEOUT_S)
             samples = write_samples(data_dir / "samples")
-            with InferqClient(api_url) as client:
+            with InferqClient(api_url, api_key=api_key) as client:
                 jobs = _submit_samples(client, samples)
                 print(f"submitted {len(jobs)} jobs; waiting for the worker (the first job waits for model warm-up)")
                 results = _wait(client, jobs)
@@ -130,7 +151,9 @@ def run_demo(settings: Settings, *, stay_up: bool) -> int:
         print_table(results)
         print('\nThe models are UNTRAINED ("trained": false): their numbers mean nothing medically or financially.')
         print(f"API docs: {api_url}/docs")
-        print(f"Flower:   {flower_url}")
+        print(
+            f"Flower:   {flower_url} (user {flower_login.partition(':')[0]}, password {flower_login.partition(':')[2]})"
+        )
         if stay_up:
             print("Press Ctrl-C to stop.")
             _wait_for_interrupt(stack)

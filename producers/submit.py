@@ -24,7 +24,7 @@ from protocol.connections import Stores
 from protocol.errors import BackendUnavailable, ClientError, InferqError, InvalidRequest, QueueFull
 from protocol.intake import FileUpload, TensorUpload, ValidatedInput, validate_input
 from protocol.jobs import JobStatus, NewJob, new_job_id
-from protocol.keys import queue_lists, task_name_for
+from protocol.keys import idempotency_token, queue_lists, task_name_for
 from protocol.registry import ModelSpec, Registry
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ class SubmitOptions:
     callback_url: str | None = None
     priority: int = 0
     idempotency_key: str | None = None
+    # The submitting key's tenant: stored on the job, and part of the idempotency key's hash.
+    tenant: str = ""
 
     def __post_init__(self) -> None:
         if not 0 <= self.priority <= MAX_PRIORITY:
@@ -134,12 +136,16 @@ class JobSubmitter:
             "blob_ref": uuid.uuid4().hex,
             "priority": str(options.priority),
             "callback_url": options.callback_url or "",
-            "idempotency_key": options.idempotency_key or "",
             "input_kind": validated.input_kind,
             "media_type": validated.media_type,
             "max_attempts": str(spec.max_attempts),
+            "tenant": options.tenant,
         }
-        job = NewJob(job_id=new_job_id(), fields=fields, idempotency=options.idempotency_key, blob=validated.blob)
+        # Only a hash of the client's idempotency key is kept: the key itself may be an accession number.
+        idempotency = (
+            idempotency_token(options.tenant, spec.name, options.idempotency_key) if options.idempotency_key else None
+        )
+        job = NewJob(job_id=new_job_id(), fields=fields, idempotency=idempotency, blob=validated.blob)
         return _Prepared(index=index, job=job)
 
     def _store_and_send(self, spec: ModelSpec, prepared: list[_Prepared]) -> list[Outcome]:

@@ -11,7 +11,8 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from config import Settings
-from protocol.errors import InvalidRequest
+from protocol.connections import tls_options
+from protocol.errors import ConfigError
 from protocol.keys import CALLBACK_QUEUE, CALLBACK_TASK, dead_letter_queue_for, queue_for, task_name_for
 from protocol.registry import ModelSpec, Registry
 
@@ -36,7 +37,7 @@ def celery_config(settings: Settings, registry: Registry) -> dict[str, Any]:
     broker_url = settings.broker_url_or_default
     longest_s = max(spec.hard_limit_s for spec in registry.values())
     if settings.broker_visibility_timeout_s <= longest_s:
-        raise InvalidRequest(
+        raise ConfigError(
             f"broker_visibility_timeout_s ({settings.broker_visibility_timeout_s}) must exceed the longest hard time "
             f"limit ({longest_s}), or Redis redelivers jobs that are still running"
         )
@@ -70,6 +71,7 @@ def celery_config(settings: Settings, registry: Registry) -> dict[str, Any]:
         # Threads cannot be cancelled; on a lost connection, running jobs finish and leases protect the rest.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "broker_connection_retry_on_startup": True,
+        **_tls_config(settings),
         **broker_options(settings, registry),
     }
 
@@ -88,7 +90,7 @@ def broker_kind(url: str) -> BrokerKind:
     """Which engine a broker URL names; anything else is refused before a worker starts on it."""
     scheme = url.partition("://")[0].lower()
     if scheme not in _BROKER_SCHEMES:
-        raise InvalidRequest(f"broker_url must be redis://, rediss:// or amqp://, got {scheme!r}://")
+        raise ConfigError(f"broker_url must be redis://, rediss:// or amqp://, got {scheme!r}://")
     return _BROKER_SCHEMES[scheme]
 
 
@@ -144,6 +146,12 @@ def broker_options(settings: Settings, registry: Registry) -> dict[str, Any]:
         # Publisher confirms: a 202 means RabbitMQ has stored the message, not merely that it left the socket.
         "broker_transport_options": {"confirm_publish": True},
     }
+
+
+def _tls_config(settings: Settings) -> dict[str, Any]:
+    # kombu connects to a rediss:// broker without checking the server's certificate unless told to.
+    options = tls_options(settings.broker_url_or_default, settings.redis_tls_ca_file)
+    return {"broker_use_ssl": options} if options else {}
 
 
 def build_celery(settings: Settings, registry: Registry) -> Celery:

@@ -8,25 +8,32 @@
     │   ├── InvalidTensor            422 invalid_tensor
     │   ├── PayloadTooLarge          413 payload_too_large
     │   ├── UnsupportedMedia         415 unsupported_media_type
-    │   └── InvalidImage             422 invalid_image
-    │       ├── NoPixelData          422 no_pixel_data
-    │       ├── ImageTooLarge        413 image_too_large
-    │       ├── NotForPresentation   422 not_for_presentation
-    │       └── UnsupportedView      422 unsupported_view
+    │   ├── InvalidImage             422 invalid_image
+    │   │   ├── NoPixelData          422 no_pixel_data
+    │   │   ├── ImageTooLarge        413 image_too_large
+    │   │   ├── NotForPresentation   422 not_for_presentation
+    │   │   └── UnsupportedView      422 unsupported_view
+    │   ├── Unauthorized             401 unauthorized (no API key, or one that is unknown or revoked)
+    │   ├── Forbidden                403 forbidden (the key's roles do not allow the call)
+    │   ├── OptionsInQuery           400 options_in_query (job options belong in the body or headers)
+    │   └── ClientDisconnected       499 client_disconnected (the client left mid-request; nobody reads it)
     ├── ConflictError                409: the job is in a state that forbids the action
     │   └── JobNotCancellable        409 job_not_cancellable
     ├── TransientError               the system had a bad moment: retried with backoff, HTTP 503
     │   ├── BackendUnavailable       503 backend_unavailable
     │   ├── BlobMissing              410 blob_missing (the upload expired before it was read)
     │   ├── WorkerLost               503 worker_lost (the worker running the job died; the job runs again)
-    │   └── QueueFull                429 queue_full (the model's queue is at max_queue_depth)
+    │   ├── QueueFull                429 queue_full (the model's queue is at max_queue_depth)
+    │   └── Overloaded               503 overloaded (out of memory for this request now; send it again later)
     ├── ModelError                   the model could not answer: job `failed`
     │   ├── ModelLoadError           500 model_load_error (also a worker that refuses to start)
     │   │   └── ChecksumMismatch     500 checksum_mismatch
     │   ├── TimeLimitExceeded        504 timeout (the soft or the hard time limit)
     │   ├── PoisonJob                500 poison (its attempts kept ending the worker process: dead-lettered)
     │   └── InferenceError           500 inference_error
-    └── RemoteError                  a client's view of an error the API answered with (its code kept)
+    ├── RemoteError                  a client's view of an error the API answered with (its code kept)
+    └── ConfigError                  500 config_error: the operator's settings, registry or Celery configuration
+                                     are wrong; raised at start, never the client's fault
 
 Third-party exceptions are wrapped where they enter (`raise InvalidImage(...) from e`). Messages never carry
 a patient identifier or a stack trace.
@@ -225,6 +232,47 @@ class RemoteError(InferqError):
 
     def __str__(self) -> str:
         return f"{self.remote_code} (HTTP {self.remote_http_status}): {self.message}"
+
+
+class Unauthorized(ClientError):
+    """No API key, or one that is unknown or revoked."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
+class Forbidden(ClientError):
+    """The API key is valid but none of its roles allows the call."""
+
+    code = "forbidden"
+    http_status = 403
+
+
+class OptionsInQuery(ClientError):
+    """Job options may carry identifiers (an accession number as idempotency key), and query strings end up in
+    proxies' and servers' access logs: they go in the body or in headers."""
+
+    code = "options_in_query"
+    http_status = 400
+
+
+class ClientDisconnected(ClientError):
+    """The client closed the connection before its request was read; not an error of the service."""
+
+    code = "client_disconnected"
+    http_status = 499
+
+
+class Overloaded(TransientError):
+    """The service ran out of memory for this request (e.g. many large uploads at once); it may fit later."""
+
+    code = "overloaded"
+
+
+class ConfigError(InferqError):
+    """The operator's configuration (settings, model registry, Celery configuration) is wrong."""
+
+    code = "config_error"
 
 
 def error_payload(exc: BaseException) -> dict[str, Any]:

@@ -209,6 +209,13 @@ class JobStore:
             pipe.hgetall(job_key(job_id))
         return [render_view(j, f) if f else None for j, f in zip(job_ids, pipe.execute(), strict=True)]
 
+    def tenants(self, job_ids: Sequence[str]) -> list[str | None]:
+        """Each job's tenant in one round trip; None for an unknown job."""
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(job_key(job_id), "tenant")
+        return list(pipe.execute())
+
     def server_time_s(self) -> float:
         seconds, micros = self._redis.time()
         return float(seconds) + float(micros) / 1e6

@@ -6,6 +6,8 @@ shared Redis can be inspected and cleaned by prefix.
 
 from __future__ import annotations
 
+import hashlib
+
 PREFIX = "inferq"
 TASK_PREFIX = "inferq.infer"
 CALLBACK_TASK = "inferq.deliver_callback"
@@ -92,3 +94,22 @@ def reconciler_lock_key() -> str:
 def dead_letter_queue_for(queue: str) -> str:
     """RabbitMQ only: where a queue's messages go once delivered too often (`x-delivery-limit`)."""
     return f"{queue}.dead"
+
+
+def api_key_record(key_id: str) -> str:
+    """A hash per API key: tenant, roles, the sha256 of the secret, created_at. Never the key itself."""
+    return f"{PREFIX}:apikey:{key_id}"
+
+
+def api_key_index() -> str:
+    """The set of all key ids, for `inferq keys list`."""
+    return f"{PREFIX}:apikeys"
+
+
+def idempotency_token(tenant: str, model: str, key: str) -> str:
+    """What a client's idempotency key becomes in Redis: a hash, since a hospital's natural key (an accession
+    number) identifies a patient; the tenant in it keeps tenants' keys apart."""
+    digest = hashlib.sha256()
+    for part in (tenant, model, key):
+        digest.update(part.encode("utf-8") + b"\x00")
+    return digest.hexdigest()

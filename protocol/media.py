@@ -17,12 +17,19 @@ rules (For Processing refused, views, PNG sBIT) are described in docs/x-ray-inpu
 attributes are never read into it. pydicom and Pillow are called inside `third_party_boundary`, which keeps their
 warnings quiet (pydicom's may quote element values, i.e. patient data) and turns their exceptions into
 `InvalidImage` whose message names the exception type only.
+
+Warnings are kept quiet without `warnings.catch_warnings`, which swaps the process-wide filter list and so is not
+thread-safe (the API probes uploads in a thread pool, a worker decodes in threads): pydicom is told once not to
+warn about invalid values at all, Pillow's decompression-bomb warning is an error once for the whole process, and
+a warning raised by a thread inside the boundary is dropped by hooks installed once (`warnings.showwarning`,
+and a filter on the `py.warnings` logger for processes that route warnings to logging, as Celery does).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import threading
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -33,6 +40,7 @@ from io import BytesIO
 from typing import Any
 
 from PIL import Image
+from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
@@ -55,6 +63,31 @@ from protocol.registry import ImageInput
 # pydicom logs invalid element values verbatim at WARNING (e.g. "Invalid value for VR UI: '...'"), and element
 # values are patient data that must not reach our logs; its errors still get through.
 logging.getLogger("pydicom").setLevel(logging.ERROR)
+# Invalid values are pydicom's most common warning, and its message quotes the value: do not make them at all.
+pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+_boundary = threading.local()
+
+
+def _inside_boundary() -> bool:
+    return getattr(_boundary, "depth", 0) > 0
+
+
+def _install_warning_hooks() -> None:
+    """Drop warnings raised by a thread inside `third_party_boundary`; installed once, so thread-safe."""
+    shown = warnings.showwarning
+    if getattr(shown, "_inferq_quiet", False):
+        return
+
+    def showwarning(*args: Any, **kwargs: Any) -> None:
+        if not _inside_boundary():
+            shown(*args, **kwargs)
+
+    showwarning._inferq_quiet = True  # type: ignore[attr-defined]
+    warnings.showwarning = showwarning
+    logging.getLogger("py.warnings").addFilter(lambda _record: not _inside_boundary())
+
 
 __all__ = [
     "ACCEPTED_MEDIA",
@@ -95,6 +128,7 @@ _DEFER_BYTES = 4096
 # room for the header, so a zip bomb is stopped before pydicom inflates it whole.
 _INFLATED_BYTES_PER_PIXEL = 6
 _INFLATED_HEADER_BYTES = 1 << 20
+_INFLATE_STEP_BYTES = 1 << 20
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _MODALITY_PATTERN = re.compile(r"^[A-Z0-9_ ]{1,16}$")  # a CS value (PS3.5 6.2): nothing else is repeated
 # Raw detector data, which PS3.3 C.8.11.1.1.1 says is not for display: the For Processing SOP classes.
@@ -247,20 +281,23 @@ def third_party_boundary(what: str) -> Iterator[None]:
     """Run pydicom or Pillow code: warnings stay quiet, exceptions become `InvalidImage` (or `ImageTooLarge`).
 
     Our own errors pass through; so do MemoryError (not the client's fault) and interpreter exits. The message
-    names only the exception type: pydicom messages may quote element values. Warning filters are process-wide,
-    so a thread running beside this block may see its warnings hidden too.
+    names only the exception type: pydicom messages may quote element values. Only this thread's warnings are
+    silenced; threads beside it are unaffected.
     """
+    _boundary.depth = getattr(_boundary, "depth", 0) + 1
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            yield
+        yield
     except (InferqError, MemoryError, KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLarge(f"the {what} exceeds the decoder's decompression-bomb limit") from e
     except BaseException as e:  # a Rust decoder's panic (pylibjpeg-rle) is a BaseException, not an Exception
         raise InvalidImage(f"cannot read the {what}: damaged, truncated or unsupported ({type(e).__name__})") from e
+    finally:
+        _boundary.depth -= 1
+
+
+_install_warning_hooks()
 
 
 def _check_pixel_count(rows: int, columns: int, frames: int, max_image_pixels: int) -> None:
@@ -361,12 +398,19 @@ def _read_dicom_header(data: bytes, max_image_pixels: int) -> Dataset:
 
 
 def _check_inflated_size(deflated: bytes, limit_bytes: int) -> None:
+    """Count the inflated size in small steps, keeping none of it: the check itself never holds the whole."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    pending, inflated_bytes = deflated, 0
     try:
-        inflater.decompress(deflated, limit_bytes + 1)
+        while not inflater.eof and inflated_bytes <= limit_bytes:
+            step = inflater.decompress(pending, _INFLATE_STEP_BYTES)
+            pending = inflater.unconsumed_tail
+            if not step and not pending:
+                break
+            inflated_bytes += len(step)
     except zlib.error as e:
         raise InvalidImage("the deflated DICOM dataset is damaged") from e
-    if inflater.unconsumed_tail:
+    if inflated_bytes > limit_bytes:
         raise ImageTooLarge(f"the deflated DICOM dataset inflates to more than {limit_bytes} bytes")
 
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from protocol.errors import InvalidRequest, UnknownModel
+from protocol.errors import ConfigError, UnknownModel
 
 _NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _SHA256_PATTERN = r"^[0-9a-f]{64}$"
@@ -181,14 +181,14 @@ class Registry(Mapping[str, ModelSpec]):
 def parse_registry(document: Mapping[str, Any]) -> Registry:
     tables = document.get("models")
     if not isinstance(tables, Mapping) or not tables:
-        raise InvalidRequest("the registry needs at least one [models.NAME] table")
+        raise ConfigError("the registry needs at least one [models.NAME] table")
     try:
         models = {name: ModelSpec(name=name, **table) for name, table in tables.items()}
     except ValidationError as e:
-        raise InvalidRequest(f"invalid model registry: {e}") from e
+        raise ConfigError(f"invalid model registry: {e}") from e
     queues = [m.queue_name for m in models.values()]
     if len(set(queues)) != len(queues):
-        raise InvalidRequest(f"two models share a queue: {queues}")
+        raise ConfigError(f"two models share a queue: {queues}")
     return Registry(models)
 
 
@@ -197,5 +197,5 @@ def load_registry(path: Path) -> Registry:
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as e:
-        raise InvalidRequest(f"cannot read the model registry {path}: {e}") from e
+        raise ConfigError(f"cannot read the model registry {path}: {e}") from e
     return parse_registry(document)

@@ -25,12 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from config import Settings
+from producers.api_keys import ApiKeyStore
 from producers.client import InferqClient
 from producers.demo import fraud_example
 from producers.redis_server import EmbeddedRedis, free_port
 from producers.samples import write_samples
 from producers.stack import ServiceStack
 from protocol.codec import TensorPayload
+from protocol.connections import redis_client
 from protocol.intake import FileUpload, TensorUpload, validate_input
 from protocol.registry import load_registry
 from workers.inference import load_runner
@@ -69,7 +71,10 @@ def system_rate(model: str, uploads: list[FileUpload | TensorUpload], tmp: Path)
     api_port = free_port()
     with EmbeddedRedis(tmp / "redis") as redis_server:
         env = {**os.environ, "INFERQ_REDIS_URL": redis_server.url, "INFERQ_API_PORT": str(api_port)}
-        with ServiceStack(env, tmp / "logs") as stack, InferqClient(f"http://127.0.0.1:{api_port}") as client:
+        keys = ApiKeyStore(redis_client(redis_server.url, decode=True))
+        api_key = keys.create("bench", frozenset({"submit", "read"})).key
+        api_url = f"http://127.0.0.1:{api_port}"
+        with ServiceStack(env, tmp / "logs") as stack, InferqClient(api_url, api_key=api_key) as client:
             stack.start("worker", "worker", "--pool", "cpu", "--models", model, "--concurrency", "1")
             stack.start("api", "api")
             stack.wait_http(f"http://127.0.0.1:{api_port}/readyz", timeout_s=120)

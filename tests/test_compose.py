@@ -32,13 +32,22 @@ def test_every_inferq_command_exists_with_its_options() -> None:
         assert set(flags) <= known, (name, set(flags) - known)
 
 
-def test_redis_keeps_an_append_only_file_behind_a_password() -> None:
+def test_redis_keeps_an_append_only_file_behind_a_password_off_its_command_line() -> None:
     redis = _compose()["services"]["redis"]
-    command = redis["command"]
-    assert command[0] == "redis-server"
-    assert command[command.index("--appendonly") + 1] == "yes"
-    assert "--requirepass" in command
+    [script] = redis["command"]
+    assert redis["entrypoint"] == ["/bin/sh", "-c"]
+    assert "exec redis-server /tmp/redis-auth.conf" in script and "umask 077" in script
+    assert "--appendonly yes" in script and "--maxmemory-policy noeviction" in script
+    # The password reaches the config file from the environment; no argument of redis-server carries it.
+    assert "requirepass" not in script.split("exec", 1)[1] and "PASSWORD" not in script.split("exec", 1)[1]
+    assert "ports" not in redis
     assert any(volume.endswith(":/data") for volume in redis["volumes"])
+
+
+def test_flower_starts_behind_basic_auth_and_the_api_hides_its_docs() -> None:
+    services = _compose()["services"]
+    assert "INFERQ_FLOWER_BASIC_AUTH" in services["flower"]["environment"]
+    assert services["api"]["environment"]["INFERQ_API_DOCS_ENABLED"] == "false"
 
 
 def test_the_gpu_worker_reserves_a_gpu_and_published_ports_stay_on_loopback() -> None:

@@ -6,8 +6,9 @@ policy) through exact IEEE arithmetic only, and the file is written by `_safeten
 writer emits its metadata in a random order per process, which changes the bytes from one run to the next.
 
 Loading verifies the sha256 of the very bytes it then deserialises, so a file swapped after the check is never
-run. TorchScript and torch.export archives are read by their own loaders; no checkpoint becomes arbitrary
-Python objects.
+run. TorchScript archives are read by TorchScript's own loader (no Python unpickler). A torch.export archive is
+inspected first and refused if `torch.export.load` would unpickle any part of it or load native code
+(`workers.export_archive`); no checkpoint becomes arbitrary Python objects.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from config.settings import Settings
 from protocol.errors import ChecksumMismatch, InferqError, ModelLoadError
 from protocol.registry import ModelSpec
 from workers.architectures import build_architecture
+from workers.export_archive import load_export_archive
 
 __all__ = [
     "ensure_generated_weights",
@@ -229,7 +231,7 @@ def _from_torchscript(data: bytes, device: torch.device) -> nn.Module:
 
 
 def _from_torch_export(data: bytes, device: torch.device) -> nn.Module:
-    program = torch.export.passes.move_to_device_pass(torch.export.load(io.BytesIO(data)), device)
+    program = torch.export.passes.move_to_device_pass(load_export_archive(data), device)
     module = program.module()
     # An exported graph fixed its train/eval behaviour at export time and its module refuses `.eval()`;
     # clearing the flags only makes `module.training` tell the truth to callers that check it.

@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 
 from config import DEFAULT_REGISTRY_PATH, Settings
+from producers.api_keys import ApiKeyStore
 from producers.client import InferqClient
 from producers.rabbitmq_server import EmbeddedRabbitMQ, find_rabbitmq_server
 from producers.redis_server import EmbeddedRedis, free_port
 from producers.samples import write_samples
 from producers.stack import ServiceStack
+from protocol.connections import redis_client
 
 _READY_TIMEOUT_S = 120.0
 
@@ -46,9 +48,15 @@ class Stack:
     services: ServiceStack
     samples: list[Path]
     tmp: Path
+    api_key: str
+    redis_url: str
 
     def client(self) -> InferqClient:
-        return InferqClient(self.api_url)
+        return InferqClient(self.api_url, api_key=self.api_key)
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
 
 
 def _test_registry(tmp: Path) -> Path:
@@ -67,7 +75,7 @@ def stack(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory)
     api_port = free_port()
     env = {
         **os.environ,
-        "INFERQ_REDIS_URL": f"redis://127.0.0.1:{redis_server.port}/0",
+        "INFERQ_REDIS_URL": redis_server.url_for(0),
         "INFERQ_REGISTRY_PATH": str(_test_registry(tmp)),
         "INFERQ_MODELS_DIR": str(Settings().models_dir),
         "INFERQ_API_PORT": str(api_port),
@@ -81,7 +89,10 @@ def stack(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory)
     api_url = f"http://127.0.0.1:{api_port}"
     try:
         services.wait_http(f"{api_url}/readyz", timeout_s=_READY_TIMEOUT_S)
-        yield Stack(api_url, env, services, write_samples(tmp / "samples"), tmp)
+        redis_url = env["INFERQ_REDIS_URL"]
+        issued = ApiKeyStore(redis_client(redis_url, decode=True)).create("tests", frozenset({"submit", "read"}))
+        env["INFERQ_API_KEY"] = issued.key
+        yield Stack(api_url, env, services, write_samples(tmp / "samples"), tmp, issued.key, redis_url)
     finally:
         services.stop()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,3 +30,6 @@ def test_the_demo_starts_its_own_redis_serves_the_samples_and_stops(tmp_path: Pa
         assert "succeeded" in row
     assert "fraud: 3 transactions" in out and "UNTRAINED" in out
     assert "/docs" in out and "Flower:" in out
+    # A key was made for the demo, printed once, and stored only as a hash; Flower has a generated login.
+    assert re.search(r"^  iq_[0-9a-f]{16}_\S{43}$", out, re.MULTILINE)
+    assert re.search(r"Flower: .*\(user demo, password \S+\)", out)

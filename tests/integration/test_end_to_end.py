@@ -70,9 +70,9 @@ def test_every_sample_kind_succeeds_with_the_same_result_as_predict(stack: Stack
 def test_a_bare_dicom_body_is_accepted_like_a_multipart_file(stack: Stack) -> None:
     dicom = stack.samples[0]
     response = httpx.post(
-        f"{stack.api_url}/v1/models/chest-xray/jobs?priority=3",
+        f"{stack.api_url}/v1/models/chest-xray/jobs",
         content=dicom.read_bytes(),
-        headers={"content-type": "application/dicom"},
+        headers={**stack.auth, "content-type": "application/dicom", "inferq-priority": "3"},
     )
     assert response.status_code == 202, response.text
     job = _wait_succeeded(stack, response.json()["job_id"])
@@ -99,15 +99,17 @@ def test_a_worker_started_the_plain_celery_way_serves_its_queue(stack: Stack) ->
 
 
 def test_unknown_model_and_unknown_job_are_404(stack: Stack) -> None:
-    response = httpx.post(f"{stack.api_url}/v1/models/nope/jobs", files={"file": ("a.png", b"x")})
+    response = httpx.post(f"{stack.api_url}/v1/models/nope/jobs", files={"file": ("a.png", b"x")}, headers=stack.auth)
     assert response.status_code == 404 and response.json()["error"]["code"] == "unknown_model"
-    response = httpx.get(f"{stack.api_url}/v1/jobs/0123456789abcdef")
+    response = httpx.get(f"{stack.api_url}/v1/jobs/0123456789abcdef", headers=stack.auth)
     assert response.status_code == 404 and response.json()["error"]["code"] == "unknown_job"
 
 
 def test_a_non_image_upload_is_refused_and_the_worker_stays_up(stack: Stack) -> None:
     response = httpx.post(
-        f"{stack.api_url}/v1/models/chest-xray/jobs", files={"file": ("notes.txt", b"not an image at all")}
+        f"{stack.api_url}/v1/models/chest-xray/jobs",
+        files={"file": ("notes.txt", b"not an image at all")},
+        headers=stack.auth,
     )
     assert response.status_code == 415
     assert response.json()["error"] == {
@@ -169,15 +171,15 @@ def test_a_finished_job_cannot_be_cancelled(stack: Stack) -> None:
 def test_submit_answers_202_with_location_and_honours_the_idempotency_key(stack: Stack) -> None:
     body = {"inputs": fraud_example(rows=1), "priority": 5, "callback_url": "https://example.invalid/hook"}
     url = f"{stack.api_url}/v1/models/fraud/jobs"
-    first = httpx.post(url, json=body, headers={"Idempotency-Key": "tx-42"})
-    again = httpx.post(url, json=body, headers={"Idempotency-Key": "tx-42"})
+    first = httpx.post(url, json=body, headers={**stack.auth, "Idempotency-Key": "tx-42"})
+    again = httpx.post(url, json=body, headers={**stack.auth, "Idempotency-Key": "tx-42"})
     assert first.status_code == again.status_code == 202
     accepted = first.json()
     assert set(accepted) == {"job_id", "status", "status_url"} and accepted["status"] == "queued"
     assert first.headers["location"] == accepted["status_url"]
     assert accepted["status_url"].endswith(f"/v1/jobs/{accepted['job_id']}")
     assert again.json()["job_id"] == accepted["job_id"] and again.headers["idempotent-replayed"] == "true"
-    job = httpx.get(accepted["status_url"]).json()
+    job = httpx.get(accepted["status_url"], headers=stack.auth).json()
     assert set(job) >= {"job_id", "model", "model_version", "status", "submitted_at", "started_at", "finished_at"}
 
 
@@ -197,6 +199,7 @@ def test_submit_answers_202_with_location_and_honours_the_idempotency_key(stack:
 def test_bad_requests_get_a_4xx_with_a_code(
     stack: Stack, model: str, kwargs: dict[str, Any], status: int, code: str
 ) -> None:
+    kwargs = {**kwargs, "headers": {**stack.auth, **kwargs.get("headers", {})}}
     response = httpx.post(f"{stack.api_url}/v1/models/{model}/jobs", **kwargs)
     assert response.status_code == status, response.text
     assert response.json()["error"]["code"] == code

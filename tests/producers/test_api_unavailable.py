@@ -21,8 +21,10 @@ def test_readyz_and_submit_answer_503_when_redis_is_down(tmp_path: Path) -> None
         ready = httpx.get(f"{api}/readyz")
         assert ready.status_code == 503 and ready.json()["error"]["code"] == "backend_unavailable"
         inputs = [{"name": "transactions", "shape": [1, 30], "datatype": "FP32", "data": [0.0] * 30}]
-        submitted = httpx.post(f"{api}/v1/models/fraud/jobs", json={"inputs": inputs}, timeout=30)
+        # A well-formed key must be looked up in Redis: with Redis gone that is a 503, not a 401.
+        auth = {"Authorization": "Bearer iq_0123456789abcdef_" + "k" * 43}
+        submitted = httpx.post(f"{api}/v1/models/fraud/jobs", json={"inputs": inputs}, headers=auth, timeout=30)
         assert submitted.status_code == 503
         error = submitted.json()["error"]
         assert error["code"] == "backend_unavailable" and error["retryable"] is True
-        assert httpx.get(f"{api}/v1/jobs/abc", timeout=30).status_code == 503
+        assert httpx.get(f"{api}/v1/jobs/abc", headers=auth, timeout=30).status_code == 503

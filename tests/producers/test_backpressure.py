@@ -14,65 +14,68 @@ from protocol.keys import queue_lists
 from tests.producers.conftest import LoneApi
 
 
-def _queued_messages(api: LoneApi) -> int:
-    with api.store() as store:
+def _queued_messages(lone: LoneApi) -> int:
+    with lone.store() as store:
         return sum(int(store.llen(name)) for name in queue_lists("tiny"))
 
 
-def _submit(api: LoneApi) -> httpx.Response:
-    return httpx.post(f"{api.url}/v1/models/tiny/jobs", json={"inputs": fraud_example(rows=1)}, timeout=30)
+def _submit(lone: LoneApi) -> httpx.Response:
+    return lone.http.post(f"{lone.url}/v1/models/tiny/jobs", json={"inputs": fraud_example(rows=1)}, timeout=30)
 
 
-def test_past_max_queue_depth_a_submission_is_refused_with_429_and_nothing_is_enqueued(api: LoneApi) -> None:
-    assert [_submit(api).status_code for _ in range(2)] == [202, 202]
-    refused = _submit(api)
+def test_past_max_queue_depth_a_submission_is_refused_with_429_and_nothing_is_enqueued(lone: LoneApi) -> None:
+    assert [_submit(lone).status_code for _ in range(2)] == [202, 202]
+    refused = _submit(lone)
     assert refused.status_code == 429
     assert refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["code"] == "queue_full" and refused.json()["error"]["retryable"] is True
-    assert _queued_messages(api) == 2 and api.job_count() == 2
+    assert _queued_messages(lone) == 2 and lone.job_count() == 2
     # Another model, with its own limit, is not affected.
-    other = httpx.post(f"{api.url}/v1/models/fraud/jobs", json={"inputs": fraud_example(rows=1)}, timeout=30)
+    other = lone.http.post(f"{lone.url}/v1/models/fraud/jobs", json={"inputs": fraud_example(rows=1)}, timeout=30)
     assert other.status_code == 202
-    models = {m["name"]: m for m in httpx.get(f"{api.url}/v1/models").json()["models"]}
+    models = {m["name"]: m for m in lone.http.get(f"{lone.url}/v1/models").json()["models"]}
     assert models["tiny"]["max_queue_depth"] == 2 and models["tiny"]["queue_depth"] == 2
 
 
-def test_a_bulk_submission_takes_what_fits_and_refuses_the_rest_item_by_item(api: LoneApi) -> None:
+def test_a_bulk_submission_takes_what_fits_and_refuses_the_rest_item_by_item(lone: LoneApi) -> None:
     jobs = [{"inputs": fraud_example(rows=1)} for _ in range(3)]
-    body = httpx.post(f"{api.url}/v1/models/tiny/jobs/bulk", json={"jobs": jobs}, timeout=30).json()
+    body = lone.http.post(f"{lone.url}/v1/models/tiny/jobs/bulk", json={"jobs": jobs}, timeout=30).json()
     assert body["accepted"] == 2 and body["rejected"] == 1
     assert body["jobs"][2]["error"]["code"] == "queue_full"
-    assert _queued_messages(api) == 2 and api.job_count() == 2
+    assert _queued_messages(lone) == 2 and lone.job_count() == 2
     # With no room at all, the whole request is refused like a single one.
-    full = httpx.post(f"{api.url}/v1/models/tiny/jobs/bulk", json={"jobs": jobs[:1]}, timeout=30)
+    full = lone.http.post(f"{lone.url}/v1/models/tiny/jobs/bulk", json={"jobs": jobs[:1]}, timeout=30)
     assert full.status_code == 429 and full.headers["retry-after"] == "1"
 
 
-def test_the_client_waits_as_retry_after_says_then_gets_through(api: LoneApi) -> None:
+def test_the_client_waits_as_retry_after_says_then_gets_through(lone: LoneApi) -> None:
     # Given a full queue
     for _ in range(2):
-        assert _submit(api).status_code == 202
-    with ThreadPoolExecutor(1) as pool, InferqClient(api.url, retry=RetryPolicy(first_delay_s=0.01)) as client:
+        assert _submit(lone).status_code == 202
+    with (
+        ThreadPoolExecutor(1) as pool,
+        InferqClient(lone.url, api_key=lone.key, retry=RetryPolicy(first_delay_s=0.01)) as client,
+    ):
         started = time.monotonic()
         submitted = pool.submit(client.submit, "tiny", inputs=fraud_example(rows=1))
         # When a worker takes the waiting jobs shortly after the client was refused
         time.sleep(0.3)
-        with api.store() as store:
+        with lone.store() as store:
             store.delete(*queue_lists("tiny"))
         submitted.result(timeout=60)
         # Then the client's retry came no sooner than Retry-After (1 s), not after its own 10 ms backoff
         assert time.monotonic() - started >= 1.0
-    assert _queued_messages(api) == 1
+    assert _queued_messages(lone) == 1
 
 
-def test_bulk_requests_past_their_limits_are_refused_before_anything_is_stored(api: LoneApi) -> None:
-    url = f"{api.url}/v1/models/fraud/jobs/bulk"
-    too_many = httpx.post(url, json={"jobs": [{"inputs": fraud_example(rows=1)}] * 6}, timeout=30)
+def test_bulk_requests_past_their_limits_are_refused_before_anything_is_stored(lone: LoneApi) -> None:
+    url = f"{lone.url}/v1/models/fraud/jobs/bulk"
+    too_many = lone.http.post(url, json={"jobs": [{"inputs": fraud_example(rows=1)}] * 6}, timeout=30)
     assert too_many.status_code == 422 and "at most 5 jobs" in too_many.json()["error"]["message"]
-    too_big = httpx.post(url, json={"jobs": [{"inputs": fraud_example(rows=200)}] * 5}, timeout=30)
+    too_big = lone.http.post(url, json={"jobs": [{"inputs": fraud_example(rows=200)}] * 5}, timeout=30)
     assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "payload_too_large"
     files = [("file", (f"{i}.png", b"\x89PNG" + b"\x00" * 60_000)) for i in range(4)]
-    assert httpx.post(f"{api.url}/v1/models/chest-xray/jobs/bulk", files=files, timeout=30).status_code == 413
+    assert lone.http.post(f"{lone.url}/v1/models/chest-xray/jobs/bulk", files=files, timeout=30).status_code == 413
     ids = [f"id{i}" for i in range(6)]
-    assert httpx.post(f"{api.url}/v1/jobs/query", json={"job_ids": ids}, timeout=30).status_code == 422
-    assert api.job_count() == 0
+    assert lone.http.post(f"{lone.url}/v1/jobs/query", json={"job_ids": ids}, timeout=30).status_code == 422
+    assert lone.job_count() == 0

@@ -32,51 +32,54 @@ def _inputs() -> dict[str, Any]:
     return {"inputs": fraud_example(rows=1)}
 
 
-def test_every_route_answers_503_with_retry_after_while_redis_is_down(api: LoneApi) -> None:
-    api.redis.stop()
+def test_every_route_answers_503_with_retry_after_while_redis_is_down(lone: LoneApi) -> None:
+    lone.redis.stop()
     try:
         answers = [
-            httpx.post(f"{api.url}/v1/models/fraud/jobs", json=_inputs(), timeout=30),
-            httpx.post(f"{api.url}/v1/models/fraud/jobs/bulk", json={"jobs": [_inputs()]}, timeout=30),
-            httpx.get(f"{api.url}/v1/jobs/abc", params={"wait_s": 5}, timeout=30),
-            httpx.post(f"{api.url}/v1/jobs/query", json={"job_ids": ["abc"]}, timeout=30),
-            httpx.get(f"{api.url}/v1/models", timeout=30),
+            lone.http.post(f"{lone.url}/v1/models/fraud/jobs", json=_inputs(), timeout=30),
+            lone.http.post(f"{lone.url}/v1/models/fraud/jobs/bulk", json={"jobs": [_inputs()]}, timeout=30),
+            lone.http.get(f"{lone.url}/v1/jobs/abc", params={"wait_s": 5}, timeout=30),
+            lone.http.post(f"{lone.url}/v1/jobs/query", json={"job_ids": ["abc"]}, timeout=30),
+            lone.http.get(f"{lone.url}/v1/models", timeout=30),
         ]
     finally:
-        api.redis.start()
+        lone.redis.start()
     for answer in answers:
         assert answer.status_code == 503, answer.text
         assert answer.headers["retry-after"] == "1"
         assert answer.json()["error"] == {**answer.json()["error"], "code": "backend_unavailable", "retryable": True}
     # And once Redis is back, the same API serves again without a restart.
-    assert httpx.post(f"{api.url}/v1/models/fraud/jobs", json=_inputs(), timeout=30).status_code == 202
+    assert lone.http.post(f"{lone.url}/v1/models/fraud/jobs", json=_inputs(), timeout=30).status_code == 202
 
 
-def test_the_client_retries_through_a_redis_restart_and_makes_one_job(api: LoneApi) -> None:
+def test_the_client_retries_through_a_redis_restart_and_makes_one_job(lone: LoneApi) -> None:
     # Given Redis is down when the client submits
-    api.redis.stop()
-    with ThreadPoolExecutor(1) as pool, InferqClient(api.url, retry=RetryPolicy(give_up_after_s=60)) as client:
+    lone.redis.stop()
+    with (
+        ThreadPoolExecutor(1) as pool,
+        InferqClient(lone.url, api_key=lone.key, retry=RetryPolicy(give_up_after_s=60)) as client,
+    ):
         submitted = pool.submit(client.submit, "fraud", inputs=fraud_example(rows=1))
         time.sleep(1.5)
         assert not submitted.done()
         # When Redis comes back
-        api.redis.start()
+        lone.redis.start()
         job_id = submitted.result(timeout=90)
     # Then the submission went through once, with the idempotency key the client made for it
-    assert api.job_count() == 1
-    with api.store() as store:
+    assert lone.job_count() == 1
+    with lone.store() as store:
         key = store.hget(job_key(job_id), "idempotency_key")
         assert key and store.get(idempotency_key("fraud", key)) == job_id
 
 
-def test_a_client_that_gives_up_raises_the_503(api: LoneApi) -> None:
-    api.redis.stop()
+def test_a_client_that_gives_up_raises_the_503(lone: LoneApi) -> None:
+    lone.redis.stop()
     try:
         retry = RetryPolicy(max_attempts=2, first_delay_s=0.1)
-        with InferqClient(api.url, retry=retry) as client, pytest.raises(RemoteError) as caught:
+        with InferqClient(lone.url, api_key=lone.key, retry=retry) as client, pytest.raises(RemoteError) as caught:
             client.submit("fraud", inputs=fraud_example(rows=1))
     finally:
-        api.redis.start()
+        lone.redis.start()
     assert caught.value.remote_http_status == 503 and caught.value.remote_code == "backend_unavailable"
 
 
@@ -111,8 +114,8 @@ class _LoseFirstAnswer(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def lossy_proxy(api: LoneApi) -> Iterator[str]:
-    _LoseFirstAnswer.upstream = api.url
+def lossy_proxy(lone: LoneApi) -> Iterator[str]:
+    _LoseFirstAnswer.upstream = lone.url
     _LoseFirstAnswer.posts = 0
     server = ThreadingHTTPServer(("127.0.0.1", free_port()), _LoseFirstAnswer)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -122,15 +125,15 @@ def lossy_proxy(api: LoneApi) -> Iterator[str]:
     server.server_close()
 
 
-def test_a_lost_answer_is_retried_with_the_same_key_and_makes_no_second_job(api: LoneApi, lossy_proxy: str) -> None:
+def test_a_lost_answer_is_retried_with_the_same_key_and_makes_no_second_job(lone: LoneApi, lossy_proxy: str) -> None:
     # Given a connection that loses the API's first answer (the job was created)
     with InferqClient(lossy_proxy, retry=RetryPolicy(first_delay_s=0.05)) as client:
         # When the client submits once
         job_id = client.submit("fraud", inputs=fraud_example(rows=1))
     # Then its retry carried the same key, and got the job the first attempt made
     assert _LoseFirstAnswer.posts == 2
-    assert api.job_count() == 1
-    assert httpx.get(f"{api.url}/v1/jobs/{job_id}").json()["status"] == "queued"
+    assert lone.job_count() == 1
+    assert lone.http.get(f"{lone.url}/v1/jobs/{job_id}").json()["status"] == "queued"
 
 
 def test_a_job_the_broker_refused_is_removed_and_its_key_makes_a_fresh_job(redis_url: str) -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 
 from config import DEFAULT_REGISTRY_PATH, Settings
 from protocol.celery_config import broker_kind, build_celery, celery_config
-from protocol.errors import InvalidRequest
+from protocol.errors import ConfigError
 from protocol.registry import load_registry
 
 REGISTRY = load_registry(DEFAULT_REGISTRY_PATH)
@@ -43,7 +44,7 @@ def test_each_model_has_its_own_queue_and_route() -> None:
 
 
 def test_the_visibility_timeout_must_outlast_every_time_limit() -> None:
-    with pytest.raises(InvalidRequest, match="visibility"):
+    with pytest.raises(ConfigError, match="visibility"):
         celery_config(Settings(broker_visibility_timeout_s=60), REGISTRY)
 
 
@@ -81,7 +82,25 @@ def test_broker_kind_follows_the_url_scheme(url: str, kind: str) -> None:
 
 
 def test_an_unknown_broker_scheme_is_refused_with_the_scheme_named() -> None:
-    with pytest.raises(InvalidRequest, match="'sqs'"):
+    with pytest.raises(ConfigError, match="'sqs'"):
         celery_config(Settings(broker_url="sqs://queue"), REGISTRY)
-    with pytest.raises(InvalidRequest, match="'sentinel'"):
+    with pytest.raises(ConfigError, match="'sentinel'"):
         celery_config(Settings(broker_url="sentinel://s1:26379"), REGISTRY)
+
+
+def test_a_rediss_url_makes_celery_and_redis_py_verify_the_certificate(tmp_path: Path) -> None:
+    import ssl
+
+    from protocol.connections import redis_client
+
+    ca = tmp_path / "ca.pem"
+    url = "rediss://:secret@redis.example:6380/0"
+    config = celery_config(Settings(redis_url=url, redis_tls_ca_file=ca), load_registry(DEFAULT_REGISTRY_PATH))
+    assert config["broker_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": str(ca)}
+    plain = celery_config(Settings(redis_url="redis://:s@h:6379/0"), load_registry(DEFAULT_REGISTRY_PATH))
+    assert "broker_use_ssl" not in plain
+    # Celery's own app accepts the options for a rediss:// broker.
+    app = build_celery(Settings(redis_url=url), load_registry(DEFAULT_REGISTRY_PATH))
+    assert app.conf.broker_use_ssl["ssl_cert_reqs"] == ssl.CERT_REQUIRED
+    kwargs = redis_client(url, decode=True, ca_file=ca).connection_pool.connection_kwargs
+    assert kwargs["ssl_cert_reqs"] == ssl.CERT_REQUIRED and kwargs["ssl_ca_certs"] == str(ca)

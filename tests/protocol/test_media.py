@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.config import disable_value_validation
 from pydicom.data import get_testdata_file
@@ -171,8 +172,13 @@ def test_pydicom_warnings_and_logs_quoting_values_stay_quiet(caplog: pytest.LogC
     assert info.sop_class is None
     assert caught == []
     assert "DOE" not in caplog.text
-    with pytest.warns(UserWarning, match="DOE"):  # what pydicom does unguarded
-        str(dcmread(BytesIO(data)).SOPClassUID)
+    # What pydicom does in its default validation mode, which protocol.media switches off.
+    pydicom_config.settings.reading_validation_mode = pydicom_config.WARN
+    try:
+        with pytest.warns(UserWarning, match="DOE"):
+            str(dcmread(BytesIO(data)).SOPClassUID)
+    finally:
+        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
 
 # --- probe: refusals

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from config import DEFAULT_REGISTRY_PATH
-from protocol.errors import InvalidRequest, UnknownModel
+from protocol.errors import ConfigError, UnknownModel
 from protocol.registry import ImageInput, TensorInput, load_registry, parse_registry
 
 
@@ -49,17 +49,24 @@ _GOOD = {
 )
 def test_invalid_entries_are_refused(changes: dict[str, object]) -> None:
     entry = {k: v for k, v in {**_GOOD, **changes}.items() if v is not None}
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(ConfigError):
         parse_registry({"models": {"m": entry}})
 
 
 def test_two_models_may_not_share_a_queue() -> None:
-    with pytest.raises(InvalidRequest, match="queue"):
+    with pytest.raises(ConfigError, match="queue"):
         parse_registry({"models": {"a": _GOOD, "b": {**_GOOD, "queue": "a"}}})
 
 
 def test_an_unreadable_file_is_a_clear_error(tmp_path: Path) -> None:
     broken = tmp_path / "models.toml"
     broken.write_text("[models.a\n")
-    with pytest.raises(InvalidRequest, match="cannot read"):
+    with pytest.raises(ConfigError, match="cannot read"):
         load_registry(broken)
+
+
+def test_a_configuration_mistake_is_not_a_client_error() -> None:
+    from protocol.errors import ClientError, InferqError
+
+    assert issubclass(ConfigError, InferqError) and not issubclass(ConfigError, ClientError)
+    assert ConfigError("x").to_dict() == {"code": "config_error", "message": "x", "retryable": False}
