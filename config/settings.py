@@ -100,6 +100,11 @@ class Settings(BaseSettings):
         "largest max_batch_size of its models, at most 64.",
     )
 
+    served_models: str = Field(
+        default="",
+        description="Comma-separated models that must have a live worker for /readyz; empty: every registry model.",
+    )
+
     # --- delivery guarantees, in seconds
     lease_s: float = Field(default=20.0, ge=1, description="A running attempt's lease; renewed every quarter of it.")
     reconcile_interval_s: float = Field(default=2.0, gt=0, description="How often the reconciler looks for work.")

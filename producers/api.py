@@ -29,6 +29,7 @@ from producers.api_keys import ApiKeyStore
 from producers.auth import Reader, Submitter, require_own_job
 from producers.bodies import check_declared_length, parse_json, read_body, read_multipart
 from producers.bulk import JobsQuery, outcomes_of, read_file_items, read_json_body, read_tensor_items
+from producers.readiness import consumers_per_model, served_models
 from producers.submit import JobSubmitter, Receipt, SubmitItem, SubmitOptions
 from producers.waiting import CompletionHub, is_final, prefer_wait_s, wait_for_jobs
 from protocol.celery_config import build_celery
@@ -39,6 +40,7 @@ from protocol.errors import (
     ClientError,
     InferqError,
     InvalidRequest,
+    NoConsumer,
     OptionsInQuery,
     Overloaded,
     PayloadTooLarge,
@@ -83,6 +85,13 @@ class JobAccepted(BaseModel):
     status_url: str
 
 
+class CallbackView(BaseModel):
+    state: Literal["waiting", "pending", "delivered", "failed"]
+    attempts: int
+    last: str | None
+    delivered_at: str | None
+
+
 class JobView(BaseModel):
     job_id: str
     model: str | None
@@ -94,6 +103,8 @@ class JobView(BaseModel):
     attempts: int
     result: dict[str, Any] | None
     error: ErrorBody | None
+    batch_size: int | None = Field(default=None, description="Jobs in the forward pass that ran this one.")
+    callback: CallbackView | None = Field(default=None, description="Present when the job has a callback_url.")
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -404,13 +415,21 @@ def _register_health_routes(app: FastAPI, state: ApiState) -> None:
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Ready only when Redis answers", responses={503: {"model": ErrorResponse}})
-    def readyz() -> dict[str, str]:
+    @app.get(
+        "/readyz",
+        summary="Ready when Redis answers and every served model has a live worker",
+        responses={503: {"model": ErrorResponse}},
+    )
+    def readyz() -> JSONResponse:
         try:
-            state.stores.text.ping()
+            consumers = consumers_per_model(state.stores, state.registry, served_models(state.settings, state.registry))
         except redis.RedisError as e:
             raise BackendUnavailable("Redis does not answer") from e
-        return {"status": "ready"}
+        models = {name: {"workers": count} for name, count in consumers.items()}
+        idle = sorted(name for name, count in consumers.items() if count == 0)
+        if not idle:
+            return JSONResponse({"status": "ready", "models": models})
+        raise NoConsumer(f"no live worker consumes the queue of: {', '.join(idle)}")
 
 
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:

@@ -3,6 +3,7 @@ the HTTP API and Flower; submits sample chest X-rays and a fraud tensor over HTT
 
 from __future__ import annotations
 
+import base64
 import os
 import secrets
 import signal
@@ -68,7 +69,15 @@ def _service_env(settings: Settings, redis_url: str, api_port: int, flower_port:
         "INFERQ_FLOWER_PORT": str(flower_port),
         "INFERQ_REGISTRY_PATH": str(settings.registry_path),
         "INFERQ_MODELS_DIR": str(settings.models_dir),
+        # Callbacks are signed; the demo makes a secret for this run unless one is configured.
+        "INFERQ_CALLBACK_SECRET": _callback_secret(settings),
     }
+
+
+def _callback_secret(settings: Settings) -> str:
+    if settings.callback_secret is not None:
+        return settings.callback_secret.get_secret_value()
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
 def _submit_samples(client: InferqClient, samples: list[Path]) -> list[tuple[str, str]]:
@@ -120,7 +129,7 @@ def run_demo(settings: Settings, *, stay_up: bool) -> int:
     with ExitStack() as resources:
         if settings.redis_url is None:
             redis_url = resources.enter_context(EmbeddedRedis(data_dir / "redis")).url
-            print(f"started a private Redis at {redis_url} (AOF in {data_dir / 'redis'})")
+            print(f"started a private Redis at {redact_url(redis_url)} (AOF in {data_dir / 'redis'})")
         else:
             redis_url = settings.redis_url.get_secret_value()
             print(f"using the configured Redis at {redact_url(redis_url)}")
@@ -130,8 +139,11 @@ def run_demo(settings: Settings, *, stay_up: bool) -> int:
         flower_login = _flower_credentials(settings)
         env = _service_env(settings, redis_url, api_port, flower_port) | {"INFERQ_FLOWER_BASIC_AUTH": flower_login}
         stack = resources.enter_context(ServiceStack(env, data_dir / "logs"))
+        # The worker's defaults, as a user gets them: one single-threaded process per usable CPU.
         stack.start("worker", "worker", "--pool", "cpu", "--models", "chest-xray,fraud")
         stack.start("api", "api")
+        stack.start("reconciler", "reconciler")
+        stack.start("callbacks", "callbacks")
         stack.start("flower", "flower")
         api_url = f"http://{settings.api_host}:{api_port}"
         flower_url = f"http://{settings.flower_host}:{flower_port}"

@@ -24,6 +24,7 @@
     │   ├── BlobMissing              410 blob_missing (the upload expired before it was read)
     │   ├── WorkerLost               503 worker_lost (the worker running the job died; the job runs again)
     │   ├── QueueFull                429 queue_full (the model's queue is at max_queue_depth)
+    │   ├── NoConsumer               503 no_consumer (no live worker consumes a served model's queue: /readyz)
     │   └── Overloaded               503 overloaded (out of memory for this request now; send it again later)
     ├── ModelError                   the model could not answer: job `failed`
     │   ├── ModelLoadError           500 model_load_error (also a worker that refuses to start)
@@ -179,6 +180,12 @@ class WorkerLost(TransientError):
     """The worker running the job stopped renewing its lease (it died or lost its network); the job runs again."""
 
     code = "worker_lost"
+
+
+class NoConsumer(TransientError):
+    """No live worker consumes a served model's queue (readiness)."""
+
+    code = "no_consumer"
 
 
 class ModelError(InferqError):

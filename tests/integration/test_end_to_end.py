@@ -213,7 +213,9 @@ def test_models_health_and_docs(stack: Stack) -> None:
     assert models["fraud-idle"]["queue_depth"] >= 1
     assert models["chest-xray"]["trained"] is False and models["chest-xray"]["labels"][0] == "Atelectasis"
     assert httpx.get(f"{stack.api_url}/healthz").json() == {"status": "ok"}
-    assert httpx.get(f"{stack.api_url}/readyz").json() == {"status": "ready"}
+    ready = httpx.get(f"{stack.api_url}/readyz").json()
+    assert ready["status"] == "ready" and set(ready["models"]) == {"chest-xray", "fraud", "fraud-celery"}
+    assert all(model["workers"] >= 1 for model in ready["models"].values())
     assert httpx.get(f"{stack.api_url}/docs").status_code == 200
     spec = httpx.get(f"{stack.api_url}/openapi.json").json()
     content = spec["paths"]["/v1/models/{model}/jobs"]["post"]["requestBody"]["content"]

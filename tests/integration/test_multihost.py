@@ -96,7 +96,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
             stacks=stacks,
             samples=write_samples(tmp / "samples"),
         )
-        stacks[lab.core].wait_http(f"{hosts.api_url}/readyz", timeout_s=_READY_TIMEOUT_S)
+        stacks[lab.core].wait_http(f"{hosts.api_url}/healthz", timeout_s=_READY_TIMEOUT_S)
         for index in (1, 2):
             _wait_for_log(stacks[lab.host(index)], "worker", re.compile(r"\bready\."), _READY_TIMEOUT_S)
         yield hosts

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
+from config import DEFAULT_REGISTRY_PATH
+from protocol.keys import consumers_key
+from protocol.registry import load_registry
 from tests.producers.conftest import Api, make_api
 
 # Enough to reach every route with both valid and broken input, and to stay well under a minute on 2 cores.
@@ -17,6 +22,10 @@ _EXAMPLES_PER_OPERATION = 60
 
 @pytest.fixture
 def fuzzed(redis_url: str) -> Iterator[Api]:
+    # Every model has a worker's heartbeat, so /readyz answers 200 (its 503 is tested in test_readiness).
+    with redis.Redis.from_url(redis_url) as client:
+        for spec in load_registry(DEFAULT_REGISTRY_PATH).values():
+            client.zadd(consumers_key(spec.queue_name), {"fuzz-worker": time.time() + 3600})
     yield from make_api(redis_url)
 
 

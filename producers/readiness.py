@@ -1,0 +1,27 @@
+"""Which models have a live worker: every worker process heartbeats each queue it consumes into Redis (see
+`workers.leases`), so readiness is a read of those heartbeats, not a broadcast to the workers."""
+
+from __future__ import annotations
+
+from config import Settings
+from protocol.connections import Stores
+from protocol.keys import consumers_key
+from protocol.registry import Registry
+
+# A worker heartbeats every lease_s / 4 (5 s by default); three missed beats and it counts as gone.
+HEARTBEAT_STALE_S = 15.0
+
+
+def served_models(settings: Settings, registry: Registry) -> list[str]:
+    """The models this deployment promises to serve: the setting, else the whole registry."""
+    named = [name.strip() for name in settings.served_models.split(",") if name.strip()]
+    return [registry.get_model(name).name for name in named] or list(registry)
+
+
+def consumers_per_model(stores: Stores, registry: Registry, models: list[str]) -> dict[str, int]:
+    """Live worker processes per model, in one round trip."""
+    now_s = stores.jobs.server_time_s()
+    pipe = stores.text.pipeline(transaction=False)
+    for name in models:
+        pipe.zcount(consumers_key(registry.get_model(name).queue_name), now_s - HEARTBEAT_STALE_S, "+inf")
+    return {name: int(count) for name, count in zip(models, pipe.execute(), strict=True)}
