@@ -76,6 +76,7 @@ class TensorJobRequest(BaseModel):
     callback_url: str | None = None
     priority: int = 0
     idempotency_key: str | None = None
+    deadline_s: float | None = Field(default=None, gt=0, description="Not started by then: `expired`, no compute.")
     parameters: dict[str, Any] | None = None
 
 
@@ -122,6 +123,7 @@ _SUBMIT_BODY = {
                         "file": {"type": "string", "format": "binary", "description": "DICOM, PNG or JPEG"},
                         "callback_url": {"type": "string"},
                         "priority": {"type": "integer", "minimum": 0, "maximum": 9},
+                        "deadline_s": {"type": "number", "exclusiveMinimum": 0},
                         "idempotency_key": {"type": "string"},
                     },
                 }
@@ -209,7 +211,11 @@ _RAW_IMAGE_TYPES = ("application/dicom", "image/png", "image/jpeg")
 
 # Options of a bare image body travel in headers: a query string lands in access logs and proxies' logs, and
 # an idempotency key or callback URL may carry an identifier (an accession number).
-_OPTION_HEADERS = {"priority": "inferq-priority", "callback_url": "inferq-callback-url"}
+_OPTION_HEADERS = {
+    "priority": "inferq-priority",
+    "callback_url": "inferq-callback-url",
+    "deadline_s": "inferq-deadline-s",
+}
 
 
 def _header_options(request: Request) -> dict[str, Any]:
@@ -240,7 +246,12 @@ async def _read_upload(request: Request, settings: Settings) -> tuple[FileUpload
 async def _read_tensor_json(request: Request, settings: Settings) -> tuple[TensorUpload, dict[str, Any]]:
     data = await read_body(request, settings.max_upload_bytes)
     body = await parse_json(TensorJobRequest, data, _describe_validation)
-    options = {"callback_url": body.callback_url, "priority": body.priority, "idempotency_key": body.idempotency_key}
+    options = {
+        "callback_url": body.callback_url,
+        "priority": body.priority,
+        "idempotency_key": body.idempotency_key,
+        "deadline_s": body.deadline_s,
+    }
     return TensorUpload(inputs=body.inputs), {k: v for k, v in options.items() if v is not None}
 
 
@@ -250,9 +261,18 @@ def _options(fields: dict[str, Any], header_key: str | None, tenant: str) -> Sub
         priority_value = int(priority) if priority not in (None, "") else 0
     except (TypeError, ValueError) as e:
         raise InvalidRequest(f"priority must be an integer 0..9, got {priority!r}") from e
+    deadline = fields.get("deadline_s")
+    try:
+        deadline_s = float(deadline) if deadline not in (None, "") else None
+    except (TypeError, ValueError) as e:
+        raise InvalidRequest(f"deadline_s must be a number of seconds, got {deadline!r}") from e
     key = fields.get("idempotency_key") or header_key
     return SubmitOptions(
-        callback_url=fields.get("callback_url") or None, priority=priority_value, idempotency_key=key, tenant=tenant
+        callback_url=fields.get("callback_url") or None,
+        priority=priority_value,
+        idempotency_key=key,
+        tenant=tenant,
+        deadline_s=deadline_s,
     )
 
 

@@ -34,6 +34,7 @@ class BulkTensorJob(BaseModel):
     callback_url: str | None = None
     priority: int = 0
     idempotency_key: str | None = None
+    deadline_s: float | None = Field(default=None, gt=0)
     parameters: dict[str, Any] | None = None
 
 
@@ -84,6 +85,7 @@ def _tensor_item(raw: dict[str, Any], index: int, header_key: str | None) -> Ite
             callback_url=job.callback_url,
             priority=job.priority,
             idempotency_key=_item_key(header_key, index, job.idempotency_key),
+            deadline_s=job.deadline_s,
         )
     except ValidationError as e:
         return InvalidRequest(f"job {index}: {_first_error(e)}")
@@ -157,6 +159,7 @@ async def _file_item(
             callback_url=str(shared["callback_url"]) if shared.get("callback_url") else None,
             priority=_priority(shared.get("priority")),
             idempotency_key=_item_key(header_key, index, own_key),
+            deadline_s=_deadline(shared.get("deadline_s")),
         )
     except ClientError as e:
         return e
@@ -176,3 +179,12 @@ def outcomes_of(items: Sequence[ItemOrError], submitted: Sequence[Outcome]) -> l
     """Merge the submitter's outcomes (for the readable items) back among the items that could not be read."""
     results = iter(submitted)
     return [item if isinstance(item, InferqError) else next(results) for item in items]
+
+
+def _deadline(value: object) -> float | None:
+    if value in (None, ""):
+        return None
+    try:
+        return float(str(value))
+    except ValueError as e:
+        raise InvalidRequest(f"deadline_s must be a number of seconds, got {value!r}") from e

@@ -94,9 +94,14 @@ class InferqClient:
         callback_url: str | None = None,
         priority: int | None = None,
         idempotency_key: str | None = None,
+        deadline_s: float | None = None,
     ) -> str:
-        """Submit a file (image models) or OIP `inputs` (tensor models); returns the job id."""
-        return str(self._submit(model, file, inputs, filename, callback_url, priority, idempotency_key)["job_id"])
+        """Submit a file (image models) or OIP `inputs` (tensor models); returns the job id. A job not started
+        within `deadline_s` ends `expired` without costing compute."""
+        body = self._submit(
+            model, file, inputs, filename, callback_url, priority, idempotency_key, deadline_s=deadline_s
+        )
+        return str(body["job_id"])
 
     def submit_and_wait(
         self,
@@ -125,10 +130,12 @@ class InferqClient:
         priority: int | None = None,
         idempotency_key: str | None = None,
         prefer_s: int | None = None,
+        deadline_s: float | None = None,
     ) -> dict[str, Any]:
         if (file is None) == (inputs is None):
             raise ValueError("give exactly one of file or inputs")
-        options = {k: v for k, v in {"callback_url": callback_url, "priority": priority}.items() if v is not None}
+        given = {"callback_url": callback_url, "priority": priority, "deadline_s": deadline_s}
+        options = {k: v for k, v in given.items() if v is not None}
         headers = {"Idempotency-Key": idempotency_key or new_idempotency_key()}
         if prefer_s is not None:
             headers["Prefer"] = f"wait={prefer_s}"

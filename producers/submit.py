@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 MAX_PRIORITY = 9
 _MAX_IDEMPOTENCY_KEY_CHARS = 200
 _MAX_CALLBACK_URL_CHARS = 2048
+_MAX_DEADLINE_S = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +44,8 @@ class SubmitOptions:
     idempotency_key: str | None = None
     # The submitting key's tenant: stored on the job, and part of the idempotency key's hash.
     tenant: str = ""
+    # Not started within this many seconds: the job ends `expired` without costing compute.
+    deadline_s: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.priority <= MAX_PRIORITY:
@@ -52,6 +55,10 @@ class SubmitOptions:
             or len(self.callback_url) > _MAX_CALLBACK_URL_CHARS
         ):
             raise InvalidRequest("callback_url must be an http(s) URL of at most 2048 characters")
+        if self.deadline_s is not None and not 0 < self.deadline_s <= _MAX_DEADLINE_S:
+            raise InvalidRequest(
+                f"deadline_s must be more than 0 and at most {_MAX_DEADLINE_S:g}, got {self.deadline_s}"
+            )
         key = self.idempotency_key
         if key is not None and not (0 < len(key) <= _MAX_IDEMPOTENCY_KEY_CHARS and key.isprintable()):
             raise InvalidRequest(f"idempotency_key must be 1..{_MAX_IDEMPOTENCY_KEY_CHARS} printable characters")
@@ -145,7 +152,9 @@ class JobSubmitter:
         idempotency = (
             idempotency_token(options.tenant, spec.name, options.idempotency_key) if options.idempotency_key else None
         )
-        job = NewJob(job_id=new_job_id(), fields=fields, idempotency=idempotency, blob=validated.blob)
+        job = NewJob(
+            job_id=new_job_id(), fields=fields, idempotency=idempotency, blob=validated.blob, queue_s=options.deadline_s
+        )
         return _Prepared(index=index, job=job)
 
     def _store_and_send(self, spec: ModelSpec, prepared: list[_Prepared]) -> list[Outcome]:

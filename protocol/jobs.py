@@ -197,17 +197,27 @@ class JobStore:
     def view(self, job_id: str) -> dict[str, Any]:
         """The job as clients see it; a queued job past its deadline reads `expired` even if no worker looked."""
         fields = self.fields(job_id)
-        if fields.get("status") == JobStatus.QUEUED and self.server_time_s() > float(fields.get("expires_at") or 0):
+        if _past_deadline(fields, self.server_time_s()):
             self.expire(job_id)
             fields = self.fields(job_id)
         return render_view(job_id, fields)
 
     def views(self, job_ids: Sequence[str]) -> list[dict[str, Any] | None]:
-        """Many jobs in one round trip; None for an unknown id."""
+        """Many jobs in one round trip; None for an unknown id. Expired-on-read like `view`."""
+        stored = self._read_all(job_ids)
+        now_s = self.server_time_s()
+        late = [job_id for job_id, fields in zip(job_ids, stored, strict=True) if _past_deadline(fields, now_s)]
+        if late:
+            for job_id in late:
+                self.expire(job_id)
+            stored = self._read_all(job_ids)
+        return [render_view(j, f) if f else None for j, f in zip(job_ids, stored, strict=True)]
+
+    def _read_all(self, job_ids: Sequence[str]) -> list[dict[str, str]]:
         pipe = self._redis.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hgetall(job_key(job_id))
-        return [render_view(j, f) if f else None for j, f in zip(job_ids, pipe.execute(), strict=True)]
+        return list(pipe.execute())
 
     def tenants(self, job_ids: Sequence[str]) -> list[str | None]:
         """Each job's tenant in one round trip; None for an unknown job."""
@@ -309,6 +319,10 @@ class JobStore:
 
     def due_callbacks(self) -> list[str]:
         return self.due(callbacks_key())
+
+
+def _past_deadline(fields: dict[str, str], now_s: float) -> bool:
+    return fields.get("status") == JobStatus.QUEUED and now_s > float(fields.get("expires_at") or "inf")
 
 
 def render_view(job_id: str, fields: dict[str, str]) -> dict[str, Any]:

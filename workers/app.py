@@ -9,6 +9,7 @@ that are there at the same time can share a forward pass.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from os import EX_CONFIG
 from typing import Any
@@ -61,9 +62,16 @@ def _prepare(sender: str, instance: Any, **_: Any) -> None:
         raise SystemExit(EX_CONFIG) from e
 
 
+# The process that imported this module; prefork children are other processes.
+_MAIN_PID = os.getpid()
+
+
 @worker_process_init.connect
 def _load_models(**_: Any) -> None:
-    runtime.start()
+    # Prefork children load their models here. The solo pool sends this signal too, in the main process and before
+    # the queues are known: there `_prepare` starts the runtime once it knows which models to load.
+    if os.getpid() != _MAIN_PID:
+        runtime.start()
 
 
 @worker_shutdown.connect

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from producers.demo import fraud_example
+from protocol.errors import RemoteError
 from tests.callback_receiver import CallbackReceiver
 from tests.integration.conftest import Stack
 
@@ -46,3 +47,21 @@ def test_a_callback_arrives_signed_and_its_delivery_shows_in_the_job(stack: Stac
         assert callback["state"] == "delivered" and callback["attempts"] == 1 and callback["last"] == "HTTP 204"
     finally:
         receiver.close()
+
+
+def test_a_job_past_its_deadline_reads_expired_without_any_worker(stack: Stack) -> None:
+    # fraud-idle has no worker: only the deadline can end this job, and a read sees it at once
+    with stack.client() as client:
+        job_id = client.submit("fraud-idle", inputs=fraud_example(rows=1), deadline_s=0.5)
+        assert client.status(job_id)["status"] == "queued"
+        time.sleep(0.8)
+        job = client.status(job_id)
+    assert job["status"] == "expired" and job["error"]["code"] == "expired" and job["attempts"] == 0
+
+
+def test_a_deadline_out_of_range_is_a_422(stack: Stack) -> None:
+    with stack.client() as client:
+        for bad in (0, -1, 10**9):
+            with pytest.raises(RemoteError) as caught:
+                client.submit("fraud", inputs=fraud_example(rows=1), deadline_s=bad)
+            assert caught.value.remote_http_status == 422
