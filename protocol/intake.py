@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from config import Settings
 from protocol.codec import TensorPayload, decode_tensor, select_input, tensor_to_bytes
 from protocol.errors import InvalidRequest, PayloadTooLarge, UnsupportedMedia
-from protocol.media import probe
+from protocol.media import check_fits, probe
 from protocol.registry import ModelSpec
 
 
@@ -49,6 +49,8 @@ def _validate_image(spec: ModelSpec, upload: FileUpload, settings: Settings) -> 
     if len(upload.data) > settings.max_upload_bytes:
         raise PayloadTooLarge(f"the upload exceeds {settings.max_upload_bytes} bytes")
     info = probe(upload.data, max_image_pixels=settings.max_image_pixels)
+    # A view or body part the model was not made for is refused here, at once, rather than as a failed job.
+    check_fits(info, spec.input)
     return ValidatedInput(blob=upload.data, input_kind="image", media_type=info.format)
 
 

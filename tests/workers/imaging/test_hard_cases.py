@@ -30,9 +30,10 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from config import Settings
+from config import DEFAULT_REGISTRY_PATH, Settings
 from producers.samples import chest_picture, write_large_samples
 from protocol.errors import NotForPresentation, UnsupportedView
+from protocol.intake import FileUpload, validate_input
 from protocol.media import probe
 from protocol.registry import ImageInput, load_registry
 from workers.imaging import Picture, preprocess, read_picture, to_model_input
@@ -372,6 +373,10 @@ def test_a_lateral_or_other_part_is_refused_by_a_frontal_chest_model(
     assert caught.value.http_status == 422
     assert "SYNTHETIC" not in caught.value.message
     assert preprocess(data, SPEC, max_image_pixels=MAX_PIXELS)[0].shape == (1, 24, 32)  # any view for SPEC
+    # The submission path refuses it too, at once (HTTP 422), instead of accepting a job that can only fail.
+    frontal = load_registry(DEFAULT_REGISTRY_PATH).get_model("chest-xray")
+    with pytest.raises(UnsupportedView, match=refused_as):
+        validate_input(frontal, FileUpload(data), Settings())
 
 
 @pytest.mark.parametrize(
