@@ -11,7 +11,7 @@ import dataclasses
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import anyio
 import redis
@@ -341,6 +341,24 @@ def _register_job_routes(app: FastAPI, state: ApiState) -> None:
             raise UnknownJob(f"no job with id {job_id!r}")
         return dict(view)
 
+    @app.get("/v1/jobs", responses=_ERRORS, summary="This tenant's recent jobs, newest first")
+    def list_jobs(
+        principal: Reader,
+        model: str | None = Query(default=None, description="Only this model's jobs"),
+        status: Annotated[JobStatusName | None, Query(description="Only jobs in this state")] = None,
+        limit: int = Query(default=50, ge=1, le=500),
+        before: float | None = Query(default=None, description="Only jobs submitted before this epoch second"),
+    ) -> dict[str, Any]:
+        if model is not None:
+            state.registry.get_model(model)
+        # Read a few pages' worth so that filters still fill the page; the index is this tenant's alone.
+        job_ids = state.stores.jobs.tenant_job_ids(principal.tenant, limit=limit * 4, before_s=before)
+        views = [v for v in state.stores.jobs.views(job_ids) if v is not None]
+        chosen = [
+            v for v in views if (model is None or v["model"] == model) and (status is None or v["status"] == status)
+        ]
+        return {"jobs": chosen[:limit]}
+
     @app.delete("/v1/jobs/{job_id}", response_model=JobView, responses=_ERRORS, summary="Cancel a queued job")
     def cancel_job(job_id: str, principal: Submitter) -> dict[str, Any]:
         require_own_job(state.stores.jobs, principal, job_id)
@@ -420,14 +438,16 @@ def _bulk_entry(request: Request, outcome: Receipt | InferqError) -> dict[str, A
 
 def _register_model_routes(app: FastAPI, state: ApiState) -> None:
     @app.get("/v1/models", summary="The model registry, with each model's queue depth", responses=_ERRORS)
-    def list_models(_: Reader) -> dict[str, Any]:
-        depths = state.submitter.queue_depths()
+    def list_models(principal: Reader) -> dict[str, Any]:
+        # A tenant sees its own waiting jobs, never another tenant's volume.
+        depths = state.stores.jobs.tenant_queue_depths(principal.tenant, list(state.registry))
         return {"models": [{**spec.metadata(), "queue_depth": depths[name]} for name, spec in state.registry.items()]}
 
     @app.get("/v1/models/{model}", responses=_ERRORS)
-    def get_model(model: str, _: Reader) -> dict[str, Any]:
+    def get_model(model: str, principal: Reader) -> dict[str, Any]:
         spec = state.registry.get_model(model)
-        return {**spec.metadata(), "queue_depth": state.submitter.queue_depths()[model]}
+        depth = state.stores.jobs.tenant_queue_depths(principal.tenant, [model])[model]
+        return {**spec.metadata(), "queue_depth": depth}
 
 
 def _register_health_routes(app: FastAPI, state: ApiState) -> None:

@@ -20,6 +20,8 @@ from protocol.keys import (
     published_key,
     queued_key,
     retries_key,
+    tenant_jobs_key,
+    tenant_waiting_key,
 )
 
 DEFAULT_MAX_ATTEMPTS = 3
@@ -35,10 +37,17 @@ local function blob_key() return '{PREFIX}:blob:' .. (redis.call('HGET', J, 'blo
 local function num(field) return tonumber(redis.call('HGET', J, field) or '0') or 0 end
 -- A record written without its model's limit (an older version, a tool) gets the registry's default.
 local function max_attempts() local m = num('max_attempts') if m > 0 then return m end return {DEFAULT_MAX_ATTEMPTS} end
+-- Per tenant: its jobs (by submission time) and, per model, its waiting jobs; what a tenant may see of the queues.
+local function tenant_waiting()
+  return '{tenant_waiting_key("", "")[:-1]}' .. (redis.call('HGET', J, 'tenant') or '') .. ':' ..
+    (redis.call('HGET', J, 'model') or '')
+end
+local function tenant_jobs() return '{tenant_jobs_key("")}' .. (redis.call('HGET', J, 'tenant') or '') end
 -- Move the job to a final state: drop it from every index, announce it, keep it readable for keep_ttl.
 local function finalize(status, result, err, keep_ttl, keep_blob, callback_grace)
   redis.call('HSET', J, 'status', status, 'finished_at', now, 'result', result, 'error', err)
   redis.call('HDEL', J, 'lease_until')
+  redis.call('ZREM', tenant_waiting(), ID)
   redis.call('EXPIRE', J, keep_ttl)
   if keep_blob then redis.call('EXPIRE', blob_key(), keep_ttl) else redis.call('DEL', blob_key()) end
   redis.call('ZREM', LEASES, ID)
@@ -60,6 +69,7 @@ local function requeue(backoff_s, err)
   redis.call('ZREM', LEASES, ID)
   redis.call('ZADD', RETRIES, now + backoff_s, ID)
   redis.call('ZADD', QUEUED, num('expires_at'), ID)
+  redis.call('ZADD', tenant_waiting(), num('submitted_at'), ID)
 end
 -- Out of attempts: fail with the last error (or `poison` when the attempts died with their worker), and keep
 -- the upload so that an operator can requeue the job from the dead-letter list.
@@ -87,6 +97,11 @@ for i = 4, #ARGV, 2 do redis.call('HSET', J, ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', J, ARGV[3])
 redis.call('ZADD', QUEUED, expires_at, ID)
 redis.call('ZADD', PUBLISHED, now, ID)
+redis.call('ZADD', tenant_waiting(), now, ID)
+redis.call('ZADD', tenant_jobs(), now, ID)
+-- The tenant's job index forgets what the records themselves have forgotten.
+redis.call('ZREMRANGEBYSCORE', tenant_jobs(), '-inf', now - tonumber(ARGV[3]))
+redis.call('EXPIRE', tenant_jobs(), ARGV[3])
 return ID
 """
 
@@ -120,6 +135,7 @@ redis.call('ZADD', LEASES, lease_until, ID)
 redis.call('ZREM', QUEUED, ID)
 redis.call('ZREM', PUBLISHED, ID)
 redis.call('ZREM', RETRIES, ID)
+redis.call('ZREM', tenant_waiting(), ID)
 return {{'claimed', token, num('lost')}}
 """
 
@@ -217,6 +233,7 @@ redis.call('ZREM', DEAD, ID)
 redis.call('ZREM', CALLBACKS, ID)
 redis.call('ZADD', QUEUED, expires_at, ID)
 redis.call('ZADD', PUBLISHED, now, ID)
+redis.call('ZADD', tenant_waiting(), now, ID)
 return 'ok'
 """
 
@@ -248,6 +265,8 @@ local status = redis.call('HGET', J, 'status')
 if status and status ~= 'queued' then return status end
 if KEYS[2] ~= J and redis.call('GET', KEYS[2]) == ID then redis.call('DEL', KEYS[2]) end
 redis.call('DEL', blob_key())
+redis.call('ZREM', tenant_waiting(), ID)
+redis.call('ZREM', tenant_jobs(), ID)
 redis.call('DEL', J)
 redis.call('ZREM', QUEUED, ID)
 redis.call('ZREM', PUBLISHED, ID)

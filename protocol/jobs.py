@@ -37,6 +37,8 @@ from protocol.keys import (
     leases_key,
     published_key,
     retries_key,
+    tenant_jobs_key,
+    tenant_waiting_key,
 )
 
 
@@ -225,6 +227,19 @@ class JobStore:
         for job_id in job_ids:
             pipe.hget(job_key(job_id), "tenant")
         return list(pipe.execute())
+
+    def tenant_queue_depths(self, tenant: str, models: Sequence[str]) -> dict[str, int]:
+        """Waiting jobs per model, counting only this tenant's: what a tenant may see of the queues."""
+        pipe = self._redis.pipeline(transaction=False)
+        for model in models:
+            pipe.zcard(tenant_waiting_key(tenant, model))
+        return {model: int(count) for model, count in zip(models, pipe.execute(), strict=True)}
+
+    def tenant_job_ids(self, tenant: str, *, limit: int, before_s: float | None = None) -> list[str]:
+        """This tenant's most recent job ids, newest first, submitted before `before_s` (epoch seconds)."""
+        newest = f"({before_s}" if before_s is not None else "+inf"
+        ids: list[str] = self._redis.zrevrangebyscore(tenant_jobs_key(tenant), newest, "-inf", start=0, num=limit)  # type: ignore[assignment]
+        return ids
 
     def server_time_s(self) -> float:
         seconds, micros = self._redis.time()

@@ -113,3 +113,13 @@ def idempotency_token(tenant: str, model: str, key: str) -> str:
     for part in (tenant, model, key):
         digest.update(part.encode("utf-8") + b"\x00")
     return digest.hexdigest()
+
+
+def tenant_waiting_key(tenant: str, model: str) -> str:
+    """Sorted set of a tenant's waiting jobs of one model, by submission time: the queue as that tenant sees it."""
+    return f"{PREFIX}:tq:{tenant}:{model}"
+
+
+def tenant_jobs_key(tenant: str) -> str:
+    """Sorted set of a tenant's jobs by submission time, for its job listing."""
+    return f"{PREFIX}:tjobs:{tenant}"
