@@ -22,6 +22,8 @@ MANIFEST_COMMANDS = {"api", "worker", "flower", "reconciler", "callbacks"}
 ALLOWED_MISSING: set[str] = set()
 # Dockerfile targets as compose builds them, and the image names the manifests use for them.
 IMAGE_FOR_TARGET = {"client": "inferq-client", "worker": "inferq-worker"}
+# The inferq services of docker-compose.yml, each compared with the Deployment of the same name.
+COMPARED_SERVICES = ["api", "worker-cpu", "worker-gpu", "reconciler", "callbacks", "flower"]
 
 
 def _documents(path: Path) -> list[dict[str, Any]]:
@@ -115,7 +117,13 @@ def test_redis_keeps_its_data_refuses_eviction_and_takes_its_password_from_a_sec
     assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
 
 
-@pytest.mark.parametrize("service", ["api", "worker-cpu", "worker-gpu", "flower"])
+def test_every_inferq_service_of_compose_has_a_manifest_and_no_more() -> None:
+    # The comparison below is by name: a service compose gains must gain its manifest (and its entry there) too.
+    built = {name for name, service in _compose()["services"].items() if "build" in service}
+    assert built == set(_inferq_containers()) == set(COMPARED_SERVICES)
+
+
+@pytest.mark.parametrize("service", COMPARED_SERVICES)
 def test_compose_and_kubernetes_run_the_same_command_image_and_environment(service: str) -> None:
     composed = _compose()["services"][service]
     container = _inferq_containers()[service]
