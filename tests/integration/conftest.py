@@ -20,6 +20,7 @@ from producers.redis_server import EmbeddedRedis, free_port
 from producers.samples import write_samples
 from producers.stack import ServiceStack
 from protocol.connections import redis_client
+from tests.callback_receiver import CALLBACK_SECRET
 
 _READY_TIMEOUT_S = 120.0
 
@@ -80,21 +81,35 @@ def stack(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory)
         "INFERQ_MODELS_DIR": str(Settings().models_dir),
         "INFERQ_API_PORT": str(api_port),
         "INFERQ_TORCH_THREADS": "1",
+        # fraud-idle has no worker on purpose: it is not served, so the API can be ready without it.
+        "INFERQ_SERVED_MODELS": "chest-xray,fraud,fraud-celery",
+        "INFERQ_CALLBACK_SECRET": CALLBACK_SECRET,
+        "INFERQ_CALLBACK_ALLOW": "127.0.0.1",
+        "INFERQ_CALLBACK_BACKOFF_S": "0.5",
     }
     services = ServiceStack(env, tmp / "logs")
     services.start("worker", "worker", "--pool", "cpu", "--models", "chest-xray,fraud", "--concurrency", "1")
     celery_argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "fraud-celery"]
     services.start_command("celery-worker", [*celery_argv, "--pool", "solo", "-n", "plain@%h", "-l", "info"])
     services.start("api", "api")
+    services.start("reconciler", "reconciler")
+    services.start("callbacks", "callbacks", "--threads", "4")
     api_url = f"http://127.0.0.1:{api_port}"
     try:
+        services.wait_http(f"{api_url}/healthz", timeout_s=_READY_TIMEOUT_S)
+        # Ready: every served model has a worker whose models are loaded.
         services.wait_http(f"{api_url}/readyz", timeout_s=_READY_TIMEOUT_S)
         redis_url = env["INFERQ_REDIS_URL"]
-        issued = ApiKeyStore(redis_client(redis_url, decode=True)).create("tests", frozenset({"submit", "read"}))
-        env["INFERQ_API_KEY"] = issued.key
-        yield Stack(api_url, env, services, write_samples(tmp / "samples"), tmp, issued.key, redis_url)
+        env["INFERQ_API_KEY"] = api_key = _issue_api_key(redis_url)
+        yield Stack(api_url, env, services, write_samples(tmp / "samples"), tmp, api_key, redis_url)
     finally:
         services.stop()
+
+
+def _issue_api_key(redis_url: str) -> str:
+    """A key of the tests' tenant that may submit, cancel and read; the CLI takes it from INFERQ_API_KEY."""
+    with redis_client(redis_url, decode=True) as client:
+        return ApiKeyStore(client).create("tests", frozenset({"submit", "read"})).key
 
 
 @pytest.fixture(scope="session")
@@ -130,8 +145,9 @@ def stack_amqp(rabbitmq_url: str, tmp_path_factory: pytest.TempPathFactory) -> I
         services.start("api", "api")
         api_url = f"http://127.0.0.1:{api_port}"
         try:
-            services.wait_http(f"{api_url}/readyz", timeout_s=_READY_TIMEOUT_S)
-            yield Stack(api_url, env, services, write_samples(tmp / "samples"), tmp)
+            services.wait_http(f"{api_url}/healthz", timeout_s=_READY_TIMEOUT_S)
+            env["INFERQ_API_KEY"] = api_key = _issue_api_key(records.url)
+            yield Stack(api_url, env, services, write_samples(tmp / "samples"), tmp, api_key, records.url)
         finally:
             services.stop()
 

@@ -54,7 +54,9 @@ def test_a_tensor_job_succeeds_over_rabbitmq(stack_amqp: Stack) -> None:
 
 
 def test_unknown_model_is_404_over_rabbitmq(stack_amqp: Stack) -> None:
-    response = httpx.post(f"{stack_amqp.api_url}/v1/models/nope/jobs", files={"file": ("a.png", b"x")})
+    response = httpx.post(
+        f"{stack_amqp.api_url}/v1/models/nope/jobs", files={"file": ("a.png", b"x")}, headers=stack_amqp.auth
+    )
     assert response.status_code == 404 and response.json()["error"]["code"] == "unknown_model"
 
 

@@ -22,7 +22,7 @@ _JOB_TIMEOUT_S = 300.0
 def test_get_with_wait_s_answers_with_the_finished_job(stack: Stack) -> None:
     with stack.client() as client:
         job_id = client.submit("fraud", inputs=fraud_example(rows=2))
-    job = httpx.get(f"{stack.api_url}/v1/jobs/{job_id}", params={"wait_s": 60}, timeout=90).json()
+    job = httpx.get(f"{stack.api_url}/v1/jobs/{job_id}", params={"wait_s": 60}, headers=stack.auth, timeout=90).json()
     assert job["status"] == "succeeded" and job["result"]["outputs"][0]["shape"] == [2, 1]
 
 
@@ -30,7 +30,7 @@ def test_get_with_wait_s_answers_with_the_current_state_when_time_is_up(stack: S
     with stack.client() as client:
         job_id = client.submit("fraud-idle", inputs=fraud_example(rows=1))
     started = time.monotonic()
-    job = httpx.get(f"{stack.api_url}/v1/jobs/{job_id}", params={"wait_s": 1.5}, timeout=30).json()
+    job = httpx.get(f"{stack.api_url}/v1/jobs/{job_id}", params={"wait_s": 1.5}, headers=stack.auth, timeout=30).json()
     assert job["status"] == "queued"
     assert time.monotonic() - started >= 1.5  # it did wait
 
@@ -43,14 +43,16 @@ def test_a_waiting_request_is_woken_when_its_job_ends(stack: Stack) -> None:
 
     def wait() -> None:
         started = time.monotonic()
-        answer["job"] = httpx.get(f"{stack.api_url}/v1/jobs/{job_id}", params={"wait_s": 60}, timeout=90).json()
+        answer["job"] = httpx.get(
+            f"{stack.api_url}/v1/jobs/{job_id}", params={"wait_s": 60}, headers=stack.auth, timeout=90
+        ).json()
         answer["waited_s"] = time.monotonic() - started
 
     waiter = threading.Thread(target=wait)
     waiter.start()
     time.sleep(0.5)
     # When the job ends (cancelled) while the request waits
-    assert httpx.delete(f"{stack.api_url}/v1/jobs/{job_id}").json()["status"] == "cancelled"
+    assert httpx.delete(f"{stack.api_url}/v1/jobs/{job_id}", headers=stack.auth).json()["status"] == "cancelled"
     waiter.join(timeout=90)
     # Then the request answers with the final state, long before its wait was up
     assert answer["job"]["status"] == "cancelled"
@@ -58,7 +60,7 @@ def test_a_waiting_request_is_woken_when_its_job_ends(stack: Stack) -> None:
 
 
 def test_get_with_a_negative_wait_is_a_422(stack: Stack) -> None:
-    response = httpx.get(f"{stack.api_url}/v1/jobs/abc", params={"wait_s": -1})
+    response = httpx.get(f"{stack.api_url}/v1/jobs/abc", params={"wait_s": -1}, headers=stack.auth)
     assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request"
 
 
@@ -66,7 +68,7 @@ def test_prefer_wait_answers_200_with_the_finished_job_inline(stack: Stack) -> N
     response = httpx.post(
         f"{stack.api_url}/v1/models/fraud/jobs",
         json={"inputs": fraud_example(rows=3)},
-        headers={"Prefer": "wait=60"},
+        headers={**stack.auth, "Prefer": "wait=60"},
         timeout=90,
     )
     assert response.status_code == 200, response.text
@@ -80,7 +82,7 @@ def test_prefer_wait_answers_202_when_the_job_is_not_done_in_time(stack: Stack) 
     response = httpx.post(
         f"{stack.api_url}/v1/models/fraud-idle/jobs",
         json={"inputs": fraud_example(rows=1)},
-        headers={"Prefer": "respond-async, wait=1"},
+        headers={**stack.auth, "Prefer": "respond-async, wait=1"},
         timeout=30,
     )
     assert response.status_code == 202
@@ -93,7 +95,9 @@ def test_a_json_bulk_submission_makes_independent_jobs_and_a_bad_item_fails_alon
     jobs: list[dict[str, Any]] = [{"inputs": fraud_example(rows=rows)} for rows in (1, 2, 3, 4)]
     jobs.insert(1, {"inputs": [{**fraud_example(rows=1)[0], "shape": [1, 29]}]})
     jobs.append({"inputs": "nope"})
-    response = httpx.post(f"{stack.api_url}/v1/models/fraud/jobs/bulk", json={"jobs": jobs}, timeout=60)
+    response = httpx.post(
+        f"{stack.api_url}/v1/models/fraud/jobs/bulk", json={"jobs": jobs}, headers=stack.auth, timeout=60
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     # Then each good item has its own job, each bad item its own error
@@ -104,7 +108,7 @@ def test_a_json_bulk_submission_makes_independent_jobs_and_a_bad_item_fails_alon
     assert len(set(job_ids)) == 4 and all(entries[i]["status"] == "queued" for i in (0, 2, 3, 4))
     # And a bulk read answers when all are final, each with its own result
     query = {"job_ids": job_ids, "wait_s": 60}
-    answer = httpx.post(f"{stack.api_url}/v1/jobs/query", json=query, timeout=90).json()
+    answer = httpx.post(f"{stack.api_url}/v1/jobs/query", json=query, headers=stack.auth, timeout=90).json()
     assert answer["pending"] == 0
     assert [j["status"] for j in answer["jobs"]] == ["succeeded"] * 4
     assert [j["result"]["outputs"][0]["shape"][0] for j in answer["jobs"]] == [1, 2, 3, 4]
@@ -113,8 +117,8 @@ def test_a_json_bulk_submission_makes_independent_jobs_and_a_bad_item_fails_alon
 def test_a_bulk_request_retried_with_its_idempotency_key_gets_the_same_jobs(stack: Stack) -> None:
     body = {"jobs": [{"inputs": fraud_example(rows=1)}, {"inputs": fraud_example(rows=2)}]}
     url = f"{stack.api_url}/v1/models/fraud-idle/jobs/bulk"
-    first = httpx.post(url, json=body, headers={"Idempotency-Key": "batch-7"}).json()["jobs"]
-    again = httpx.post(url, json=body, headers={"Idempotency-Key": "batch-7"}).json()["jobs"]
+    first = httpx.post(url, json=body, headers={**stack.auth, "Idempotency-Key": "batch-7"}).json()["jobs"]
+    again = httpx.post(url, json=body, headers={**stack.auth, "Idempotency-Key": "batch-7"}).json()["jobs"]
     assert [j["job_id"] for j in again] == [j["job_id"] for j in first]
     assert [j["replayed"] for j in first] == [False, False] and [j["replayed"] for j in again] == [True, True]
 
@@ -123,7 +127,11 @@ def test_a_multipart_bulk_upload_of_images(stack: Stack) -> None:
     files = [("file", (p.name, p.read_bytes(), "application/octet-stream")) for p in stack.samples[:3]]
     files.append(("file", ("notes.txt", b"not an image", "text/plain")))
     response = httpx.post(
-        f"{stack.api_url}/v1/models/chest-xray/jobs/bulk", files=files, data={"priority": "4"}, timeout=60
+        f"{stack.api_url}/v1/models/chest-xray/jobs/bulk",
+        files=files,
+        data={"priority": "4"},
+        headers=stack.auth,
+        timeout=60,
     )
     assert response.status_code == 200, response.text
     entries = response.json()["jobs"]
@@ -144,7 +152,8 @@ def test_a_multipart_bulk_upload_of_images(stack: Stack) -> None:
     ],
 )
 def test_a_malformed_bulk_request_is_a_4xx(stack: Stack, kwargs: dict[str, Any], status: int, code: str) -> None:
-    response = httpx.post(f"{stack.api_url}/v1/models/fraud/jobs/bulk", **kwargs)
+    headers = {**stack.auth, **kwargs.get("headers", {})}
+    response = httpx.post(f"{stack.api_url}/v1/models/fraud/jobs/bulk", **{**kwargs, "headers": headers})
     assert response.status_code == status, response.text
     assert response.json()["error"]["code"] == code
 
@@ -177,7 +186,7 @@ def test_cli_submit_of_a_folder_uses_one_bulk_request_and_waits(stack: Stack) ->
     for path in stack.samples[:3]:
         (folder / path.name).write_bytes(path.read_bytes())
     (folder / "readme.txt").write_text("not an image")
-    bulk_requests_before = stack.services.log_of("api").count("/v1/models/chest-xray/jobs/bulk")
+    requests_before = _submissions(stack, "chest-xray")
     argv = [sys.executable, "-m", "producers.cli", "submit", str(folder), "--model", "chest-xray", "--wait"]
     env = {**stack.env, "INFERQ_API_URL": stack.api_url}
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, check=False)
@@ -190,4 +199,20 @@ def test_cli_submit_of_a_folder_uses_one_bulk_request_and_waits(stack: Stack) ->
         (x["file"], x["status"], x.get("error")) for x in lines
     ]
     # One bulk request, not one request per file.
-    assert stack.services.log_of("api").count("/v1/models/chest-xray/jobs/bulk") == bulk_requests_before + 1
+    assert _submissions(stack, "chest-xray") == {
+        "submit_bulk": requests_before["submit_bulk"] + 1,
+        "submit_job": requests_before["submit_job"],
+    }
+
+
+def _submissions(stack: Stack, model: str) -> dict[str, int]:
+    """The API's submit requests for `model` so far, by action, as its JSON-lines access log records them."""
+    counts = {"submit_bulk": 0, "submit_job": 0}
+    for line in stack.services.log_of("api").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # uvicorn's own startup lines
+        if isinstance(entry, dict) and entry.get("model") == model and entry.get("action") in counts:
+            counts[entry["action"]] += 1
+    return counts

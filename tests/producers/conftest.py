@@ -138,7 +138,7 @@ def lone_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoneApi]:
         with ServiceStack(env, tmp / "logs") as services:
             services.start("api", "api")
             url = f"http://127.0.0.1:{port}"
-            services.wait_http(f"{url}/readyz", timeout_s=60)
+            services.wait_http(f"{url}/healthz", timeout_s=60)
             yield LoneApi(url=url, redis=server, services=services)
 
 

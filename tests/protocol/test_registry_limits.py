@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from config import DEFAULT_REGISTRY_PATH
-from protocol.errors import InvalidRequest
+from protocol.errors import ConfigError
 from protocol.registry import load_registry, parse_registry
 
 
@@ -33,7 +33,7 @@ def test_max_queue_depth_is_optional_and_listed() -> None:
 
 
 def test_a_negative_max_queue_depth_is_refused() -> None:
-    with pytest.raises(InvalidRequest, match="max_queue_depth"):
+    with pytest.raises(ConfigError, match="max_queue_depth"):
         parse_registry(_document(max_queue_depth=-1))
 
 
