@@ -135,6 +135,8 @@ def stack_amqp(rabbitmq_url: str, tmp_path_factory: pytest.TempPathFactory) -> I
             **os.environ,
             "INFERQ_REDIS_URL": records.url,
             "INFERQ_BROKER_URL": rabbitmq_url,
+            # fraud-idle and fraud-celery have no worker here on purpose.
+            "INFERQ_SERVED_MODELS": "chest-xray,fraud",
             "INFERQ_REGISTRY_PATH": str(_test_registry(tmp)),
             "INFERQ_MODELS_DIR": str(Settings().models_dir),
             "INFERQ_API_PORT": str(api_port),
@@ -146,6 +148,8 @@ def stack_amqp(rabbitmq_url: str, tmp_path_factory: pytest.TempPathFactory) -> I
         api_url = f"http://127.0.0.1:{api_port}"
         try:
             services.wait_http(f"{api_url}/healthz", timeout_s=_READY_TIMEOUT_S)
+            # Ready: the worker consumes its queues on RabbitMQ (its heartbeats go to the records' Redis).
+            services.wait_http(f"{api_url}/readyz", timeout_s=_READY_TIMEOUT_S)
             env["INFERQ_API_KEY"] = api_key = _issue_api_key(records.url)
             yield Stack(api_url, env, services, write_samples(tmp / "samples"), tmp, api_key, records.url)
         finally:
