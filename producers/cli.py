@@ -273,6 +273,13 @@ def _worker_cli() -> Any:
 @click.option("--concurrency", type=int, default=None, help="Alias of --processes.")
 @click.option("--threads", type=int, default=None, help="Torch threads per process (default 1).")
 @click.option("--gpus", default=None, help="Comma-separated CUDA devices, one worker process each (gpu pool).")
+@click.option(
+    "--stage",
+    type=click.Choice(["all", "model", "prep"]),
+    default="all",
+    show_default=True,
+    help='For models with preprocess = "separate": prep decodes (CPU), model runs the model (GPU), all does both.',
+)
 @click.option("--loglevel", default="info", show_default=True)
 def worker(
     pool: str,
@@ -281,6 +288,7 @@ def worker(
     concurrency: int | None,
     threads: int | None,
     gpus: str | None,
+    stage: str,
     loglevel: str,
 ) -> None:
     """Start worker processes consuming the models' queues; each batches the jobs it holds."""
@@ -292,6 +300,7 @@ def worker(
         threads=threads,
         gpus=_split(gpus),
         loglevel=loglevel,
+        stage=stage,
     )
     sys.exit(status)
 

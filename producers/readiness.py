@@ -19,9 +19,18 @@ def served_models(settings: Settings, registry: Registry) -> list[str]:
 
 
 def consumers_per_model(stores: Stores, registry: Registry, models: list[str]) -> dict[str, int]:
-    """Live worker processes per model, in one round trip."""
+    """Live worker processes per model, in one round trip; a model whose decoding runs as its own stage counts
+    the fewer of its two stages' workers (either stage alone cannot finish a job)."""
     now_s = stores.jobs.server_time_s()
+    queues = {name: _stage_queues(registry, name) for name in models}
     pipe = stores.text.pipeline(transaction=False)
-    for name in models:
-        pipe.zcount(consumers_key(registry.get_model(name).queue_name), now_s - HEARTBEAT_STALE_S, "+inf")
-    return {name: int(count) for name, count in zip(models, pipe.execute(), strict=True)}
+    for names in queues.values():
+        for queue in names:
+            pipe.zcount(consumers_key(queue), now_s - HEARTBEAT_STALE_S, "+inf")
+    counts = iter(pipe.execute())
+    return {name: min(int(next(counts)) for _ in names) for name, names in queues.items()}
+
+
+def _stage_queues(registry: Registry, model: str) -> list[str]:
+    spec = registry.get_model(model)
+    return [spec.queue_name] + ([spec.prep_queue_name] if spec.prep_queue_name else [])

@@ -25,6 +25,7 @@ import redis
 from celery import Celery
 
 from config import Settings
+from protocol.celery_config import entry_task, model_queue_names
 from protocol.connections import Stores
 from protocol.jobs import JobStore
 from protocol.keys import (
@@ -148,8 +149,8 @@ class Reconciler:
         """Task ids of every message waiting in a model queue, or delivered to a worker within the check period."""
         text = self._stores.text
         pipe = text.pipeline(transaction=False)
-        for spec in self._registry.values():
-            for name in queue_lists(spec.queue_name):
+        for queue in model_queue_names(self._registry):
+            for name in queue_lists(queue):
                 pipe.lrange(name, 0, -1)
         pipe.hgetall(KOMBU_UNACKED_HASH)
         # A worker starts a job the moment it receives it; a message delivered longer ago whose job is still queued
@@ -161,13 +162,19 @@ class Reconciler:
         return ids
 
     def publish(self, job_id: str) -> bool:
-        """Send a job's task again; False if the job is no longer queued or its model is unknown."""
-        model, blob_ref, status = self._stores.text.hmget(job_key(job_id), ["model", "blob_ref", "status"])
+        """Send a job's task again, to the stage it is at; False if it is no longer queued or its model is unknown."""
+        fields = ["model", "blob_ref", "status", "tensor_ref"]
+        model, blob_ref, status, tensor_ref = self._stores.text.hmget(job_key(job_id), fields)
         if status != "queued" or not isinstance(model, str) or model not in self._registry:
             return False
         # Marked first: should the send fail, the lost-message check publishes it later.
         self._jobs.mark_published([job_id])
-        self._celery.send_task(task_name_for(model), args=[job_id, blob_ref], task_id=job_id)
+        if tensor_ref:  # decoded already: only the model's stage is left
+            self._celery.send_task(
+                task_name_for(model), args=[job_id, tensor_ref], kwargs={"prepared": True}, task_id=job_id
+            )
+        else:
+            self._celery.send_task(entry_task(self._registry[model]), args=[job_id, blob_ref], task_id=job_id)
         return True
 
 

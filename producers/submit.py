@@ -19,12 +19,12 @@ from kombu import Connection
 from kombu.exceptions import OperationalError
 
 from config import Settings
-from protocol.celery_config import broker_kind
+from protocol.celery_config import broker_kind, entry_task
 from protocol.connections import Stores
 from protocol.errors import BackendUnavailable, ClientError, InferqError, InvalidRequest, QueueFull
 from protocol.intake import FileUpload, TensorUpload, ValidatedInput, validate_input
 from protocol.jobs import JobStatus, NewJob, new_job_id
-from protocol.keys import idempotency_token, queue_lists, task_name_for
+from protocol.keys import idempotency_token, queue_lists
 from protocol.registry import ModelSpec, Registry
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ class JobSubmitter:
             # each task's result and, with the backend down, retries that for ~20 s before failing.
             args = [job.job_id, job.fields["blob_ref"]]
             self._celery.send_task(
-                task_name_for(spec.name), args=args, task_id=job.job_id, producer=producer, ignore_result=True
+                entry_task(spec), args=args, task_id=job.job_id, producer=producer, ignore_result=True
             )
         except Exception as e:
             log.warning("enqueue failed for job %s: %s", job.job_id, type(e).__name__)

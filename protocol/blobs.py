@@ -16,6 +16,8 @@ class BlobStore(Protocol):
 
     def put(self, data: bytes, *, ttl_s: int) -> str: ...
 
+    def put_as(self, blob_ref: str, data: bytes, *, ttl_s: int) -> None: ...
+
     def get(self, blob_ref: str) -> bytes: ...
 
     def delete(self, blob_ref: str) -> None: ...
@@ -29,8 +31,11 @@ class RedisBlobStore:
 
     def put(self, data: bytes, *, ttl_s: int) -> str:
         blob_ref = uuid.uuid4().hex
-        self._redis.set(blob_key(blob_ref), data, ex=ttl_s)
+        self.put_as(blob_ref, data, ttl_s=ttl_s)
         return blob_ref
+
+    def put_as(self, blob_ref: str, data: bytes, *, ttl_s: int) -> None:
+        self._redis.set(blob_key(blob_ref), data, ex=ttl_s)
 
     def get(self, blob_ref: str) -> bytes:
         data: bytes | None = self._redis.get(blob_key(blob_ref))  # type: ignore[assignment]

@@ -13,7 +13,14 @@ from kombu import Exchange, Queue
 from config import Settings
 from protocol.connections import tls_options
 from protocol.errors import ConfigError
-from protocol.keys import CALLBACK_QUEUE, CALLBACK_TASK, dead_letter_queue_for, queue_for, task_name_for
+from protocol.keys import (
+    CALLBACK_QUEUE,
+    CALLBACK_TASK,
+    dead_letter_queue_for,
+    prep_task_name_for,
+    queue_for,
+    task_name_for,
+)
 from protocol.registry import ModelSpec, Registry
 
 # Jobs one worker process holds at once, by default: one batch computing and the next one filling.
@@ -61,6 +68,11 @@ def celery_config(settings: Settings, registry: Registry) -> dict[str, Any]:
         "task_routes": {
             CALLBACK_TASK: {"queue": CALLBACK_QUEUE},
             **{task_name_for(name): {"queue": queue_for(spec.queue_name)} for name, spec in registry.items()},
+            **{
+                prep_task_name_for(name): {"queue": spec.prep_queue_name}
+                for name, spec in registry.items()
+                if spec.prep_queue_name
+            },
         },
         "task_default_queue": queue_for(next(iter(registry.values())).queue_name),
         # Flower shows tasks from events: workers send them, producers announce each task sent.
@@ -130,8 +142,19 @@ def _amqp_queue(name: str, *, delivery_limit: int) -> Queue:
 
 
 def _queue_names(registry: Registry) -> list[str]:
-    """Every model's queue, then the callbacks' own."""
-    return [spec.queue_name for spec in registry.values()] + [CALLBACK_QUEUE]
+    """Every model's queue, the decoding stages' queues, then the callbacks' own."""
+    return [*model_queue_names(registry), CALLBACK_QUEUE]
+
+
+def model_queue_names(registry: Registry) -> list[str]:
+    """The queues that carry jobs: each model's, and its decoding stage's where that runs separately."""
+    stages = [spec.prep_queue_name for spec in registry.values() if spec.prep_queue_name]
+    return [spec.queue_name for spec in registry.values()] + stages
+
+
+def entry_task(spec: ModelSpec) -> str:
+    """The task a new job is sent to: its decoding stage where that runs separately, else the model's."""
+    return prep_task_name_for(spec.name) if spec.preprocess == "separate" else task_name_for(spec.name)
 
 
 def broker_options(settings: Settings, registry: Registry) -> dict[str, Any]:

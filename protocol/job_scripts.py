@@ -50,6 +50,8 @@ local function finalize(status, result, err, keep_ttl, keep_blob, callback_grace
   redis.call('ZREM', tenant_waiting(), ID)
   redis.call('EXPIRE', J, keep_ttl)
   if keep_blob then redis.call('EXPIRE', blob_key(), keep_ttl) else redis.call('DEL', blob_key()) end
+  local tensor = redis.call('HGET', J, 'tensor_ref')
+  if tensor then redis.call('DEL', '{PREFIX}:blob:' .. tensor) end
   redis.call('ZREM', LEASES, ID)
   redis.call('ZREM', QUEUED, ID)
   redis.call('ZREM', PUBLISHED, ID)
@@ -121,7 +123,7 @@ elseif status == 'running' then
 else
   return {{status, 0, 0}}
 end
-if num('attempts') >= max_attempts() then
+if num('attempts') - num('handoffs') >= max_attempts() then
   dead_letter(redis.call('HGET', J, 'last_error') or '', ARGV[6], ARGV[7])
   return {{'failed', 0, 0}}
 end
@@ -168,7 +170,7 @@ return 'ok'
 
 # ARGV: id, token, backoff s, error json, keep ttl, callback grace. A transient failure: retry, or dead-letter.
 RELEASE = f"""{_PRELUDE}{_FENCE}
-if num('attempts') >= max_attempts() then
+if num('attempts') - num('handoffs') >= max_attempts() then
   dead_letter(ARGV[4], ARGV[5], ARGV[6])
   return 'dead'
 end
@@ -184,7 +186,7 @@ if redis.call('HGET', J, 'status') ~= 'running' then
 end
 if num('lease_until') > now then return 'live' end
 redis.call('HINCRBY', J, 'lost', 1)
-if num('attempts') >= max_attempts() then
+if num('attempts') - num('handoffs') >= max_attempts() then
   dead_letter('', ARGV[3], ARGV[4])
   return 'dead'
 end
@@ -271,4 +273,18 @@ redis.call('DEL', J)
 redis.call('ZREM', QUEUED, ID)
 redis.call('ZREM', PUBLISHED, ID)
 return 'discarded'
+"""
+
+# ARGV: id, token, tensor ref, image info json. The decoding stage is done: the job waits again, now for the model's
+# stage, which reads the tensor. The attempt number keeps growing (fencing stays monotonic); `handoffs` keeps a
+# decoded job from counting its decoding against its attempts.
+HANDOFF = f"""{_PRELUDE}{_FENCE}
+redis.call('HSET', J, 'status', 'queued', 'tensor_ref', ARGV[3], 'image_info', ARGV[4])
+redis.call('HINCRBY', J, 'handoffs', 1)
+redis.call('HDEL', J, 'lease_until', 'computing_at')
+redis.call('ZREM', LEASES, ID)
+redis.call('ZADD', QUEUED, num('expires_at') + 0, ID)
+redis.call('ZADD', PUBLISHED, now, ID)
+redis.call('ZADD', tenant_waiting(), num('submitted_at'), ID)
+return 'ok'
 """

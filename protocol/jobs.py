@@ -127,7 +127,7 @@ class JobStore:
             name: redis_client.register_script(getattr(job_scripts, name))
             for name in (
                 "CREATE", "CLAIM", "BEGIN", "RENEW", "FINISH", "RELEASE", "RECOVER", "CANCEL", "EXPIRE",
-                "REQUEUE_DEAD", "CALLBACK_TAKE", "CALLBACK_DONE", "DISCARD",
+                "REQUEUE_DEAD", "CALLBACK_TAKE", "CALLBACK_DONE", "DISCARD", "HANDOFF",
             )
         }  # fmt: skip
 
@@ -284,6 +284,10 @@ class JobStore:
             self._run("FINISH", o.job_id, *args, client=pipe)
         return [str(reply) for reply in pipe.execute()]
 
+    def hand_off(self, job_id: str, token: int, *, tensor_ref: str, image_info: dict[str, Any] | None) -> str:
+        """The decoding stage of the attempt `token` is done: 'ok', or 'fenced' if the attempt lost its job."""
+        return str(self._run("HANDOFF", job_id, token, tensor_ref, json.dumps(image_info)))
+
     def release(self, job_id: str, token: int, *, backoff_s: float, error: dict[str, Any]) -> str:
         """A transient failure: back to the queue after `backoff_s`, or 'dead' when the attempts are used up."""
         args = [token, backoff_s, json.dumps(error), self.result_ttl_s, CALLBACK_GRACE_S]
@@ -350,7 +354,8 @@ def render_view(job_id: str, fields: dict[str, str]) -> dict[str, Any]:
         "submitted_at": _iso(fields.get("submitted_at")),
         "started_at": _iso(fields.get("started_at")),
         "finished_at": _iso(fields.get("finished_at")),
-        "attempts": int(fields.get("attempts") or "0"),
+        # A job decoded by its own stage took one claim more; that is not an attempt the client should count.
+        "attempts": int(fields.get("attempts") or "0") - int(fields.get("handoffs") or "0"),
         "result": _json_or_none(fields.get("result")),
         "error": _json_or_none(fields.get("error")),
         "batch_size": int(fields.get("batch_size") or "0") or None,

@@ -10,6 +10,7 @@ import hashlib
 
 PREFIX = "inferq"
 TASK_PREFIX = "inferq.infer"
+PREP_TASK_PREFIX = "inferq.prep"
 CALLBACK_TASK = "inferq.deliver_callback"
 CALLBACK_QUEUE = "inferq-callbacks"
 # kombu's Redis transport keeps one list per priority step, named queue + separator + step (step 0: bare name).
@@ -28,6 +29,11 @@ def queue_for(model: str) -> str:
 
 def task_name_for(model: str) -> str:
     return f"{TASK_PREFIX}.{model}"
+
+
+def prep_task_name_for(model: str) -> str:
+    """The task that decodes a job of a model whose preprocessing runs as its own stage."""
+    return f"{PREP_TASK_PREFIX}.{model}"
 
 
 def queue_lists(queue: str) -> list[str]:

@@ -106,6 +106,11 @@ class ModelSpec(_Frozen):
     batch_wait_ms: float = Field(default=0.0, ge=0, description="Longest wait for more jobs after a batch's first.")
     precision: Literal["fp32", "fp16", "bf16"] = Field(default="fp32", description="On a GPU: the compute precision.")
     channels_last: bool = Field(default=False, description="On a GPU: channels-last memory format for conv nets.")
+    preprocess: Literal["inline", "separate"] = Field(
+        default="inline",
+        description="separate: CPU workers decode on the `<queue>.prep` queue and hand the model's workers a tensor, "
+        "so decoding never starves a GPU; inline: the model's worker decodes too.",
+    )
     max_queue_depth: int | None = Field(
         default=None, ge=0, description="Past this many waiting jobs a submission is refused (429); 0 or unset: none."
     )
@@ -125,6 +130,11 @@ class ModelSpec(_Frozen):
     @property
     def queue_name(self) -> str:
         return self.queue or self.name
+
+    @property
+    def prep_queue_name(self) -> str | None:
+        """The queue of the decoding stage, for a model whose preprocessing runs separately."""
+        return f"{self.queue_name}.prep" if self.preprocess == "separate" else None
 
     @property
     def hard_limit_s(self) -> float:

@@ -21,7 +21,7 @@ from config import Settings
 from protocol.callbacks import register_callback_task
 from protocol.celery_config import build_celery
 from protocol.errors import InferqError
-from protocol.keys import CALLBACK_QUEUE, CALLBACK_TASK
+from protocol.keys import CALLBACK_QUEUE, CALLBACK_TASK, task_name_for
 from protocol.registry import load_registry
 from workers.runtime import WorkerRuntime, require_cuda
 from workers.tasks import register_tasks
@@ -35,6 +35,7 @@ runtime = WorkerRuntime(settings, registry)
 register_tasks(app, registry, lambda: runtime)
 register_callback_task(app, settings)
 runtime.send_callback = lambda job_id: _send_callback(job_id)
+runtime.send_prepared = lambda model, job_id, tensor_ref: _send_prepared(model, job_id, tensor_ref)
 
 
 def _send_callback(job_id: str) -> None:
@@ -44,10 +45,18 @@ def _send_callback(job_id: str) -> None:
         log.warning("job %s: callback not queued now (%s)", job_id, type(e).__name__)
 
 
+def _send_prepared(model: str, job_id: str, tensor_ref: str) -> None:
+    try:
+        app.send_task(task_name_for(model), args=[job_id, tensor_ref], kwargs={"prepared": True}, task_id=job_id)
+    except Exception as e:  # the job waits as queued; the reconciler publishes it once its message counts as lost
+        log.warning("job %s: decoded, but not queued for its model now (%s)", job_id, type(e).__name__)
+
+
 @celeryd_after_setup.connect
 def _prepare(sender: str, instance: Any, **_: Any) -> None:
     queues = set(instance.app.amqp.queues.consume_from)
-    runtime.select([spec for spec in registry.values() if spec.queue_name in queues])
+    # A decoding-stage queue needs no model loaded: only the models of the model queues are.
+    runtime.select([spec for spec in registry.values() if spec.queue_name in queues], queues=sorted(queues))
     try:
         if settings.device == "cuda":
             require_cuda()

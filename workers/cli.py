@@ -40,6 +40,7 @@ def run_worker(
     threads: int | None,
     gpus: list[str] | None,
     loglevel: str,
+    stage: str = "all",
 ) -> int:
     """Run one Celery node per usable CPU (or per GPU) on the models' queues, until SIGTERM; the exit status."""
     settings = Settings()
@@ -51,13 +52,16 @@ def run_worker(
         # Say why and exit non-zero, as the plain `celery -A workers.app worker` form does.
         print(f"inferq worker cannot start: {e.message}", file=sys.stderr, flush=True)
         return EX_CONFIG
+    if not stage_queues(specs, stage):
+        print(f"inferq worker cannot start: none of these models has a {stage} stage of its own", file=sys.stderr)
+        return EX_CONFIG
     torch_threads = threads or settings.torch_threads or 1
     count = processes or settings.worker_processes or default_processes(threads_per_process=torch_threads)
     if pool == "gpu" and not gpus:
         gpus = ["0"]
     nodes = node_specs(
         pool=pool,
-        queues=[spec.queue_name for spec in specs],
+        queues=stage_queues(specs, stage),
         processes=count,
         torch_threads=torch_threads,
         slots=settings.worker_slots or default_slots(specs),
@@ -66,6 +70,13 @@ def run_worker(
     )
     print(f"inferq worker: {len(nodes)} node(s) x {torch_threads} torch thread(s) on {usable_cpus()} usable CPU(s)")
     return Supervisor(nodes).run()
+
+
+def stage_queues(specs: list[ModelSpec], stage: str) -> list[str]:
+    """The queues a worker consumes: `model` the models' own, `prep` their separate decoding stages, `all` both."""
+    prep = [spec.prep_queue_name for spec in specs if spec.prep_queue_name]
+    model = [spec.queue_name for spec in specs]
+    return {"model": model, "prep": prep}.get(stage, model + prep)
 
 
 def _upload_of(spec: ModelSpec, path: Path) -> FileUpload | TensorUpload:

@@ -63,9 +63,14 @@ class ModelRunner:
         """One job's model input without a batch axis: for an image model the float32 (channels, height, width)
         tensor and its ImageInfo (decoded, checked against the model, fitted, normalised); for a tensor model
         its (rows, ...) float32 array and None. Client errors raise as `InvalidImage` / `InvalidTensor` etc."""
-        if isinstance(self.spec.input, ImageInput):
-            return preprocess(blob, self.spec.input, max_image_pixels=self._max_image_pixels)
-        return tensor_from_bytes(blob, self.spec.input).astype(np.float32, copy=False), None
+        return prepare_input(self.spec, blob, max_image_pixels=self._max_image_pixels)
+
+
+def prepare_input(spec: ModelSpec, blob: bytes, *, max_image_pixels: int) -> tuple[np.ndarray, ImageInfo | None]:
+    """`ModelRunner.prepare` without the model: what a decoding stage that runs on its own needs."""
+    if isinstance(spec.input, ImageInput):
+        return preprocess(blob, spec.input, max_image_pixels=max_image_pixels)
+    return tensor_from_bytes(blob, spec.input).astype(np.float32, copy=False), None
 
 
 def _apply_head(head: str, logits: torch.Tensor) -> torch.Tensor:

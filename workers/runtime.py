@@ -57,14 +57,19 @@ class WorkerRuntime:
         self.selected: list[ModelSpec] = list(registry.values())
         self.node = f"{socket.gethostname()}-{os.getpid()}"
         self.send_callback: Callable[[str], None] = lambda job_id: None
+        # (model, job id, tensor ref): hand a decoded job to its model's queue; set by the Celery app.
+        self.send_prepared: Callable[[str, str, str], None] = lambda model, job_id, tensor_ref: None
         self._runners: dict[str, ModelRunner] = {}
         self._batchers: dict[str, DynamicBatcher] = {}
         self._stores: Stores | None = None
         self._bytes: redis.Redis | None = None
         self.leases: LeaseKeeper | None = None
+        self._queues: list[str] | None = None
 
-    def select(self, specs: list[ModelSpec]) -> None:
+    def select(self, specs: list[ModelSpec], *, queues: list[str] | None = None) -> None:
+        """The models to load, and the queues this process consumes (for its heartbeats; default: the models')."""
         self.selected = specs
+        self._queues = queues
 
     def prepare_weights(self) -> None:
         """Generate (where the repo makes them) and verify every selected model's weights."""
@@ -81,7 +86,7 @@ class WorkerRuntime:
         self.leases = LeaseKeeper(
             self.stores.jobs,
             node=self.node,
-            queues=[spec.queue_name for spec in self.selected],
+            queues=self._queues if self._queues is not None else [spec.queue_name for spec in self.selected],
             lease_s=self.settings.lease_s,
             on_timeout=lambda job_id: self.send_callback(job_id),
         )

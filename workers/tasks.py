@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -20,10 +21,11 @@ from celery import Celery
 
 from protocol.errors import BackendUnavailable, BlobMissing, InferenceError, InferqError, TimeLimitExceeded
 from protocol.jobs import Claim, JobStatus, Outcome
-from protocol.keys import task_name_for
+from protocol.keys import prep_task_name_for, task_name_for
 from protocol.registry import ModelSpec, Registry
 from workers.batcher import BatchOutput, Fenced
-from workers.inference import build_result
+from workers.handoff import pack, unpack
+from workers.inference import build_result, prepare_input
 from workers.runtime import WorkerRuntime, retry_backoff_s
 
 log = logging.getLogger(__name__)
@@ -31,8 +33,36 @@ log = logging.getLogger(__name__)
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, BackendUnavailable)
 
 
-def execute_job(runtime: WorkerRuntime, model: str, job_id: str, blob_ref: str) -> dict[str, Any]:
-    """Run one attempt of a job and record its outcome; returns a summary for Celery's logs and Flower."""
+def execute_job(
+    runtime: WorkerRuntime, model: str, job_id: str, blob_ref: str, *, prepared: bool = False
+) -> dict[str, Any]:
+    """Run one attempt of a job and record its outcome; returns a summary for Celery's logs and Flower.
+    `prepared`: the blob is the input a separate decoding stage already made (see `execute_prep`)."""
+    return _claimed(
+        runtime,
+        model,
+        job_id,
+        blob_ref,
+        lambda spec, claim, blob: _attempt(runtime, spec, job_id, claim, blob, prepared=prepared),
+    )
+
+
+def execute_prep(runtime: WorkerRuntime, model: str, job_id: str, blob_ref: str) -> dict[str, Any]:
+    """The decoding stage of a model whose preprocessing runs apart: decode, store the tensor, hand the job over
+    to the model's queue. A bad input fails its job here, so it never reaches the model's workers."""
+    return _claimed(
+        runtime, model, job_id, blob_ref, lambda spec, claim, blob: _prep(runtime, spec, job_id, claim, blob)
+    )
+
+
+def _claimed(
+    runtime: WorkerRuntime,
+    model: str,
+    job_id: str,
+    blob_ref: str,
+    work: Callable[[ModelSpec, Claim, bytes | None], dict[str, Any]],
+) -> dict[str, Any]:
+    """Claim the job (and fetch its blob), hold its lease while `work` runs, let it go after."""
     try:
         claim, blob = runtime.claim(job_id, blob_ref)
     except _TRANSIENT as e:
@@ -49,17 +79,41 @@ def execute_job(runtime: WorkerRuntime, model: str, job_id: str, blob_ref: str) 
     if keeper is not None:
         keeper.hold(job_id, claim.token, model, soft_limit_s=spec.time_limit_s, hard_limit_s=spec.hard_limit_s)
     try:
-        return _attempt(runtime, spec, job_id, claim, blob, started_s=time.monotonic())
+        return work(spec, claim, blob)
     finally:
         if keeper is not None:
             keeper.drop(job_id)
 
 
-def _attempt(
-    runtime: WorkerRuntime, spec: ModelSpec, job_id: str, claim: Claim, blob: bytes | None, *, started_s: float
-) -> dict[str, Any]:
+def _prep(runtime: WorkerRuntime, spec: ModelSpec, job_id: str, claim: Claim, blob: bytes | None) -> dict[str, Any]:
     try:
-        status, payload, batch_jobs = _compute(runtime, spec, job_id, claim, blob)
+        if blob is None:
+            raise BlobMissing("the upload of this job is no longer stored")
+        rows, info = prepare_input(spec, blob, max_image_pixels=runtime.settings.max_image_pixels)
+    except Exception as e:
+        status, payload, _ = _failure(job_id, e)
+        return _record(runtime, job_id, claim, status, payload, 0)
+    tensor_ref = uuid.uuid4().hex
+    jobs = runtime.stores.jobs
+    try:
+        runtime.stores.blobs.put_as(tensor_ref, pack(rows, info), ttl_s=jobs.keep_ttl_s)
+        reply = jobs.hand_off(job_id, claim.token, tensor_ref=tensor_ref, image_info=None)
+    except _TRANSIENT as e:
+        return _release(runtime, job_id, claim, e)
+    if reply != "ok":
+        runtime.stores.blobs.delete(tensor_ref)
+        log.info("job %s: decoded, but attempt %d was fenced off: %s", job_id, claim.token, reply)
+        return {"job_id": job_id, "status": "fenced"}
+    runtime.send_prepared(spec.name, job_id, tensor_ref)
+    return {"job_id": job_id, "status": "decoded"}
+
+
+def _attempt(
+    runtime: WorkerRuntime, spec: ModelSpec, job_id: str, claim: Claim, blob: bytes | None, *, prepared: bool
+) -> dict[str, Any]:
+    started_s = time.monotonic()
+    try:
+        status, payload, batch_jobs = _compute(runtime, spec, job_id, claim, blob, prepared=prepared)
         if time.monotonic() - started_s > spec.time_limit_s:
             # Past the soft limit before the watchdog looked: the same outcome as if it had.
             limit = TimeLimitExceeded(f"the job ran past its model's time limit of {spec.time_limit_s:g} s")
@@ -69,6 +123,13 @@ def _attempt(
         return {"job_id": job_id, "status": "fenced"}
     except _TRANSIENT as e:
         return _release(runtime, job_id, claim, e)
+    return _record(runtime, job_id, claim, status, payload, batch_jobs)
+
+
+def _record(
+    runtime: WorkerRuntime, job_id: str, claim: Claim, status: JobStatus, payload: dict[str, Any], batch_jobs: int
+) -> dict[str, Any]:
+    """Write the attempt's outcome, if the attempt still owns its job."""
     outcome = Outcome(
         job_id,
         claim.token,
@@ -92,15 +153,16 @@ def _attempt(
 
 
 def _compute(
-    runtime: WorkerRuntime, spec: ModelSpec, job_id: str, claim: Claim, blob: bytes | None
+    runtime: WorkerRuntime, spec: ModelSpec, job_id: str, claim: Claim, blob: bytes | None, *, prepared: bool
 ) -> tuple[JobStatus, dict[str, Any], int]:
-    """Decode here, run through the model's batcher; a bad input or a failing model fails only this job."""
+    """Decode here (unless a decoding stage did), run through the model's batcher; a bad input or a failing model
+    fails only this job."""
     batcher = runtime.batcher(spec.name)
     batcher.expect()
     try:
         if blob is None:
             raise BlobMissing("the upload of this job is no longer stored")
-        rows, info = runtime.runner(spec.name).prepare(blob)
+        rows, info = unpack(blob) if prepared else runtime.runner(spec.name).prepare(blob)
     except Exception as e:
         batcher.unexpect()
         return _failure(job_id, e)
@@ -142,8 +204,14 @@ def _release(runtime: WorkerRuntime, job_id: str, claim: Claim, exc: BaseExcepti
 
 def _make_task(app: Celery, spec: ModelSpec, runtime: Callable[[], WorkerRuntime]) -> None:
     @app.task(name=task_name_for(spec.name), ignore_result=True)
-    def infer(job_id: str, blob_ref: str) -> dict[str, Any]:
-        return execute_job(runtime(), spec.name, job_id, blob_ref)
+    def infer(job_id: str, blob_ref: str, prepared: bool = False) -> dict[str, Any]:
+        return execute_job(runtime(), spec.name, job_id, blob_ref, prepared=prepared)
+
+    if spec.preprocess == "separate":
+
+        @app.task(name=prep_task_name_for(spec.name), ignore_result=True)
+        def prep(job_id: str, blob_ref: str) -> dict[str, Any]:
+            return execute_prep(runtime(), spec.name, job_id, blob_ref)
 
 
 def register_tasks(app: Celery, registry: Registry, runtime: Callable[[], WorkerRuntime]) -> None:
@@ -151,4 +219,4 @@ def register_tasks(app: Celery, registry: Registry, runtime: Callable[[], Worker
         _make_task(app, spec, runtime)
 
 
-__all__ = ["execute_job", "register_tasks"]
+__all__ = ["execute_job", "execute_prep", "register_tasks"]
