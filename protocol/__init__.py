@@ -1,7 +1,9 @@
-"""The torch-free core shared by producers and workers: job schema, codec, registry declaration, errors, keys."""
+"""The torch-free core shared by producers and workers: job schema, codec, registry declaration, errors, keys.
+
+Only the error tree is re-exported here: importing this package must not pull in Redis or pydantic models, so the
+client (`from inferq import InferqClient`) installs and imports with nothing but its HTTP and CLI dependencies.
+"""
 
 from protocol.errors import InferqError, RemoteError
-from protocol.jobs import JobStatus
-from protocol.registry import ModelSpec, Registry, load_registry
 
-__all__ = ["InferqError", "JobStatus", "ModelSpec", "Registry", "RemoteError", "load_registry"]
+__all__ = ["InferqError", "RemoteError"]
