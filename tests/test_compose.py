@@ -16,8 +16,9 @@ def _compose() -> dict[str, Any]:
     return document
 
 
-def test_the_deployment_has_its_five_services() -> None:
-    assert set(_compose()["services"]) == {"redis", "api", "worker-cpu", "worker-gpu", "flower"}
+def test_the_deployment_has_its_services() -> None:
+    services = {"redis", "api", "worker-cpu", "worker-gpu", "reconciler", "callbacks", "flower"}
+    assert set(_compose()["services"]) == services
 
 
 def test_every_inferq_command_exists_with_its_options() -> None:

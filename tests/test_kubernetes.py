@@ -102,7 +102,8 @@ def test_the_gpu_worker_requests_a_gpu_and_the_api_has_probes() -> None:
     assert "nvidia.com/gpu" not in str(containers["worker-cpu"]["resources"])
     api = containers["api"]
     assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # Not /readyz: a model without workers must not take the API pods (and every other model) out of service.
+    assert api["readinessProbe"]["httpGet"]["path"] == "/healthz"
 
 
 def test_redis_keeps_its_data_refuses_eviction_and_takes_its_password_from_a_secret() -> None:
