@@ -34,7 +34,22 @@ def _print_json(value: Any) -> None:
     click.echo(json.dumps(value, separators=(",", ":")))
 
 
-@click.group()
+class _Commands(click.Group):
+    """The command group; a command whose extra is not installed says which to install instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ModuleNotFoundError as e:
+            hint = (
+                "pip install 'inferq[worker]'" if e.name in ("torch", "safetensors") else "pip install 'inferq[server]'"
+            )
+            raise click.ClickException(
+                f"`inferq {ctx.invoked_subcommand}` needs {e.name}, which is not installed: {hint}"
+            ) from e
+
+
+@click.group(cls=_Commands)
 def main() -> None:
     """inferq: asynchronous inference jobs on Celery and Redis."""
 
