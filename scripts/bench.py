@@ -1,27 +1,53 @@
-"""Throughput of inferq against its reference, side by side in one run on the same cores.
+"""inferq against the limit of this machine and against the Celery app a user writes first: one run, same cores.
 
-Reference: the model called in-process (`ModelRunner.run` on each input, one after another).
-System: the same inputs submitted over HTTP to a private Redis, one worker process, polled until done.
-Prints both rates and their ratio; absolute times on a noisy machine mean little, the ratio more.
+1. The limit: the same preprocessing (`ModelRunner.prepare` on the same input bytes) and model in-process, in its
+   best configuration on the usable cores: processes x torch threads x batch size searched, each candidate in
+   fresh subprocesses over a fixed number of inputs; every candidate and the best are printed.
+2. The naive baseline: `scripts/naive_celery_app.py` (Redis broker and result backend, JSON, the image base64 in
+   the message, Celery defaults), started as `celery -A naive_celery_app worker`; client threads `.delay().get()`.
+3. inferq: `inferq api` and `inferq worker --pool cpu --models ...` with its defaults; each client thread has its
+   own `InferqClient` and, in a closed loop, submits one job and waits for it with `result(job_id, wait_s=...)`
+   (long-polling), as the README tells users; fraud also in bulk (`submit_many`, then `results`).
 
-    .venv/bin/python scripts/bench.py --model chest-xray --jobs 40
-    .venv/bin/python scripts/bench.py --model fraud --jobs 200
+All three share one private Redis and run one after the other. chest-xray: throughput at saturation (16 clients)
+and latency at low load (1 client, sequential), whose overhead is end-to-end minus the in-process single-image
+p50 of one process with one torch thread (what one default worker process computes a lone job with). fraud:
+one-row jobs per second. Each row prints system/limit and system/naive; on a busy machine the ratios mean more
+than the absolute figures.
+
+    .venv/bin/python scripts/bench.py                 # everything (a few minutes on 2 cores)
+    .venv/bin/python scripts/bench.py --only fraud    # one model
+    .venv/bin/python scripts/bench.py --quick         # small counts: a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import itertools
+import json
 import os
+import platform
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
-from datetime import datetime
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 # The script runs from a checkout without the project installed as well: put the repo root first.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # the naive Celery app
 
+import numpy as np
 import torch
 
 from config import Settings
@@ -29,83 +55,601 @@ from producers.api_keys import ApiKeyStore
 from producers.client import InferqClient
 from producers.demo import fraud_example
 from producers.redis_server import EmbeddedRedis, free_port
-from producers.samples import write_samples
+from producers.samples import SAMPLE_NAMES, write_samples
 from producers.stack import ServiceStack
 from protocol.codec import TensorPayload
 from protocol.connections import redis_client
-from protocol.intake import FileUpload, TensorUpload, validate_input
-from protocol.registry import load_registry
+from protocol.intake import TensorUpload, validate_input
+from protocol.registry import ImageInput, load_registry
 from workers.inference import load_runner
+from workers.layout import usable_cpus
 from workers.weights import ensure_generated_weights
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS_DIR = REPO_ROOT / "scripts"
+MODELS = ("chest-xray", "fraud")
+_STARTUP_TIMEOUT_S = 300.0
+_JOB_WAIT_S = 120.0
+_FRAUD_FEATURES = 30
 
-def _inputs(model: str, count: int, tmp: Path) -> list[FileUpload | TensorUpload]:
-    if model == "fraud":
-        return [TensorUpload(inputs=[TensorPayload.model_validate(t) for t in fraud_example(rows=8)])] * count
-    samples = write_samples(tmp / "samples")
-    return [FileUpload(data=samples[i % len(samples)].read_bytes()) for i in range(count)]
+JobRunner = Callable[[int], None]
+Session = Callable[[], AbstractContextManager[JobRunner]]
 
 
-def reference_rate(model: str, uploads: list[FileUpload | TensorUpload]) -> float:
+@dataclass(frozen=True)
+class Counts:
+    clients: int
+    xray_jobs: int
+    low_load_jobs: int
+    limit_images: int
+    fraud_jobs: int
+    quick: bool
+
+
+@dataclass(frozen=True)
+class Candidate:
+    processes: int
+    threads: int
+    batch: int
+
+
+@dataclass(frozen=True)
+class LimitRun:
+    candidate: Candidate
+    per_s: float
+    single_latencies_s: list[float]
+
+
+@dataclass(frozen=True)
+class Limit:
+    runs: list[LimitRun]
+
+    @property
+    def best(self) -> LimitRun:
+        return max(self.runs, key=lambda run: run.per_s)
+
+    def single_run(self, threads: int) -> LimitRun | None:
+        """The one-process, batch-1 run at `threads` torch threads: where single-input latency is measured."""
+        for run in self.runs:
+            if run.candidate == Candidate(1, threads, 1):
+                return run
+        return None
+
+
+@dataclass
+class Loop:
+    """A closed loop of client threads: how long it took and each job's end-to-end latency."""
+
+    jobs: int
+    elapsed_s: float
+    latencies_s: list[float]
+    batch_sizes: list[int] = field(default_factory=list)
+
+    @property
+    def per_s(self) -> float:
+        return self.jobs / self.elapsed_s
+
+
+@dataclass
+class SystemFigures:
+    """What one system (naive or inferq) measured; None where it was not measured."""
+
+    xray_saturation: Loop | None = None
+    xray_low_load: Loop | None = None
+    fraud_per_job: Loop | None = None
+    fraud_bulk: Loop | None = None
+
+
+# --- inputs
+
+
+def _xray_inputs(samples: list[Path], count: int) -> list[tuple[str, bytes]]:
+    """`count` uploads cycling through the sample kinds (DICOM in three encodings, PNG 8/16-bit, JPEG)."""
+    return [(samples[i % len(samples)].name, samples[i % len(samples)].read_bytes()) for i in range(count)]
+
+
+def _fraud_inputs(count: int) -> list[list[dict[str, Any]]]:
+    """`count` one-row jobs in the OIP form, deterministic."""
+    [tensor] = fraud_example(rows=count)
+    data = tensor["data"]
+    return [
+        [{**tensor, "shape": [1, _FRAUD_FEATURES], "data": data[i * _FRAUD_FEATURES : (i + 1) * _FRAUD_FEATURES]}]
+        for i in range(count)
+    ]
+
+
+# --- 1. the limit: in-process, best configuration, each candidate in fresh subprocesses
+
+
+def _candidates(model: str, usable: int, quick: bool) -> list[Candidate]:
+    batches = (1, 16, 256) if model == "fraud" else (1, 4, 8)
+    if quick:
+        return [Candidate(1, 1, b) for b in batches[:2]]
+    found = []
+    for processes in sorted({1, usable}):
+        for threads in sorted({1, max(1, usable // processes)}):
+            found += [Candidate(processes, threads, batch) for batch in batches]
+    return found
+
+
+def _limit_child(spec_json: str) -> None:
+    """One process of a candidate: load, warm up, say `ready`, wait for `go`, run its share, print the timings."""
+    spec = json.loads(spec_json)
+    torch.set_num_threads(spec["threads"])
     settings = Settings()
-    spec = load_registry(settings.registry_path).get_model(model)
-    ensure_generated_weights(spec, settings)
-    torch.set_num_threads(os.cpu_count() or 1)
-    runner = load_runner(spec, settings, torch.device("cpu"))
+    model_spec = load_registry(settings.registry_path).get_model(spec["model"])
+    runner = load_runner(model_spec, settings, torch.device("cpu"))
+    if isinstance(model_spec.input, ImageInput):
+        samples = [Path(spec["samples_dir"]) / name for name in SAMPLE_NAMES]
+        blobs = [data for _, data in _xray_inputs(samples, spec["count"])]
+    else:
+        uploads = [
+            TensorUpload(inputs=[TensorPayload.model_validate(t) for t in j]) for j in _fraud_inputs(spec["count"])
+        ]
+        blobs = [validate_input(model_spec, u, settings).blob for u in uploads]
+    mine = blobs[spec["index"] :: spec["processes"]]
     runner.warm_up()
-    blobs = [validate_input(spec, u, settings).blob for u in uploads]
+    for blob in blobs[: max(spec["batch"] + 1, len(SAMPLE_NAMES))]:
+        runner.run(blob)  # every decoder warm
+    print("ready", flush=True)
+    sys.stdin.readline()
+    image = isinstance(model_spec.input, ImageInput)
+    latencies_s = []
+    started = time.monotonic()
+    for start in range(0, len(mine), spec["batch"]):
+        sent = time.monotonic()
+        tensors = [runner.prepare(blob)[0] for blob in mine[start : start + spec["batch"]]]
+        runner.infer(np.stack(tensors) if image else np.concatenate(tensors))
+        latencies_s.append(time.monotonic() - sent)
+    finished = time.monotonic()
+    print(json.dumps({"started": started, "finished": finished, "latencies_s": latencies_s}), flush=True)
+
+
+def _run_candidate(model: str, candidate: Candidate, count: int, samples_dir: Path, log: Path) -> LimitRun:
+    """Start the candidate's processes, release them together once all are warm; rate over the slowest."""
+    children = []
+    with log.open("ab") as stderr:
+        for index in range(candidate.processes):
+            spec = {
+                "model": model,
+                "threads": candidate.threads,
+                "batch": candidate.batch,
+                "index": index,
+                "processes": candidate.processes,
+                "count": count,
+                "samples_dir": str(samples_dir),
+            }
+            argv = [sys.executable, str(Path(__file__).resolve()), "--limit-child", json.dumps(spec)]
+            children.append(
+                subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
+            )
+    try:
+        for child in children:
+            if child.stdout is None or child.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"a limit process of {candidate} did not start; see {log}")
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write("go\n")
+            child.stdin.close()
+        reports = []
+        for child in children:
+            assert child.stdout is not None
+            reports.append(json.loads(child.stdout.read().strip().splitlines()[-1]))
+            child.wait(timeout=_JOB_WAIT_S)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    elapsed_s = max(r["finished"] for r in reports) - min(r["started"] for r in reports)
+    singles = reports[0]["latencies_s"] if candidate.processes == 1 and candidate.batch == 1 else []
+    return LimitRun(candidate, count / elapsed_s, singles)
+
+
+def measure_limit(model: str, counts: Counts, usable: int, samples_dir: Path, tmp: Path) -> Limit:
+    count = counts.fraud_jobs if model == "fraud" else counts.limit_images
+    unit = "jobs" if model == "fraud" else "images"
+    print(f"\nlimit search, {model}: {count} {unit} per candidate, each candidate in fresh processes", flush=True)
+    print(f"  {'processes':>9} {'threads':>7} {'batch':>5} {unit + '/s':>10} {'single p50 ms':>14}")
+    runs = []
+    for candidate in _candidates(model, usable, counts.quick):
+        run = _run_candidate(model, candidate, count, samples_dir, tmp / "limit.log")
+        runs.append(run)
+        single = f"{_ms(_percentile(run.single_latencies_s, 50)):14.1f}" if run.single_latencies_s else ""
+        print(f"  {candidate.processes:9d} {candidate.threads:7d} {candidate.batch:5d} {run.per_s:10.1f} {single}")
+    limit = Limit(runs)
+    best = limit.best.candidate
+    print(
+        f"  best: {best.processes} process(es) x {best.threads} thread(s), batch {best.batch}: {limit.best.per_s:.1f}"
+    )
+    return limit
+
+
+# --- client loops, shared by both systems
+
+
+def closed_loop(session: Session, *, clients: int, jobs: int) -> Loop:
+    """`clients` threads, each with its own session, run jobs one after another until `jobs` are done in all."""
+    counter = itertools.count()
+    lock = threading.Lock()
+    latencies_s: list[float] = []
+    errors: list[BaseException] = []
+    ready = threading.Barrier(clients + 1)
+
+    def client() -> None:
+        try:
+            with session() as run:
+                ready.wait()
+                while True:
+                    with lock:
+                        index = next(counter)
+                    if index >= jobs:
+                        return
+                    sent = time.perf_counter()
+                    run(index)
+                    latency_s = time.perf_counter() - sent
+                    with lock:
+                        latencies_s.append(latency_s)
+        except threading.BrokenBarrierError:
+            return
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+            ready.abort()
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    with suppress(threading.BrokenBarrierError):
+        ready.wait()
     started = time.perf_counter()
-    for blob in blobs:
-        runner.run(blob)
-    return len(blobs) / (time.perf_counter() - started)
+    for thread in threads:
+        thread.join()
+    elapsed_s = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{len(errors)} client thread(s) failed; the first: {errors[0]!r}") from errors[0]
+    return Loop(jobs=jobs, elapsed_s=elapsed_s, latencies_s=latencies_s)
 
 
-def _submit(client: InferqClient, model: str, upload: FileUpload | TensorUpload) -> str:
-    if isinstance(upload, FileUpload):
-        return client.submit(model, upload.data, filename="x")
-    return client.submit(model, inputs=[t.model_dump() for t in upload.inputs])
+# --- 2. the naive Celery app
 
 
-def system_rate(model: str, uploads: list[FileUpload | TensorUpload], tmp: Path) -> tuple[float, float]:
-    """Jobs per second from first submit to last finish, and the median queue-to-finish latency."""
+def _naive_session(redis_url: str, task_name: str, args_of: Callable[[int], list[Any]]) -> Session:
+    from naive_celery_app import create_app
+
+    @contextmanager
+    def session() -> Iterator[JobRunner]:
+        app = create_app(redis_url)
+        task = app.tasks[task_name]
+
+        def run(index: int) -> None:
+            task.delay(*args_of(index)).get(timeout=_JOB_WAIT_S)
+
+        try:
+            yield run
+        finally:
+            app.close()
+
+    return session
+
+
+def _wait_naive_ready(redis_url: str, stack: ServiceStack) -> None:
+    """Until the worker answers a ping (its pool's processes load the models afterwards: the warm-up waits)."""
+    from naive_celery_app import create_app
+
+    app = create_app(redis_url)
+    deadline = time.monotonic() + _STARTUP_TIMEOUT_S
+    try:
+        while time.monotonic() < deadline and not stack.dead():
+            if app.control.ping(timeout=1.0):
+                return
+    finally:
+        app.close()
+    raise RuntimeError(f"the naive Celery worker did not start (dead: {stack.dead()})")
+
+
+def measure_naive(models: list[str], counts: Counts, redis_url: str, samples: list[Path], tmp: Path) -> SystemFigures:
+    from naive_celery_app import CHEST_XRAY_TASK, FRAUD_TASK
+
+    figures = SystemFigures()
+    env = {**os.environ, "INFERQ_REDIS_URL": redis_url, "PYTHONPATH": f"{SCRIPTS_DIR}{os.pathsep}{REPO_ROOT}"}
+    stack = ServiceStack(env, tmp / "naive-logs")
+    try:
+        stack.start_command("naive", [sys.executable, "-m", "celery", "-A", "naive_celery_app", "worker"])
+        _wait_naive_ready(redis_url, stack)
+        print("\nnaive Celery app: `celery -A naive_celery_app worker` (prefork, defaults)", flush=True)
+        if "chest-xray" in models:
+            uploads = _xray_inputs(samples, max(counts.xray_jobs, counts.low_load_jobs))
+            encoded = [base64.b64encode(data).decode("ascii") for _, data in uploads]
+            session = _naive_session(redis_url, CHEST_XRAY_TASK, lambda i: [encoded[i % len(encoded)]])
+            closed_loop(session, clients=counts.clients, jobs=counts.clients)  # warm up (first: model loads)
+            figures.xray_saturation = closed_loop(session, clients=counts.clients, jobs=counts.xray_jobs)
+            figures.xray_low_load = closed_loop(session, clients=1, jobs=counts.low_load_jobs)
+        if "fraud" in models:
+            rows = [job[0]["data"] for job in _fraud_inputs(counts.fraud_jobs)]
+            session = _naive_session(redis_url, FRAUD_TASK, lambda i: [[rows[i]]])
+            closed_loop(session, clients=counts.clients, jobs=counts.clients)
+            figures.fraud_per_job = closed_loop(session, clients=counts.clients, jobs=counts.fraud_jobs)
+    except BaseException:
+        print(stack.log_of("naive")[-3000:], file=sys.stderr)
+        raise
+    finally:
+        stack.stop()
+    return figures
+
+
+# --- 3. inferq
+
+
+def _inferq_session(api_url: str, api_key: str, model: str, submit: Callable[[InferqClient, int], str]) -> Session:
+    batch_sizes: list[int] = []
+
+    @contextmanager
+    def session() -> Iterator[JobRunner]:
+        with InferqClient(api_url, api_key=api_key) as client:
+
+            def run(index: int) -> None:
+                job = client.result(submit(client, index), wait_s=_JOB_WAIT_S)
+                if job["status"] != "succeeded":
+                    raise RuntimeError(f"a {model} job ended {job['status']}: {job.get('error')}")
+                batch_sizes.append(int(job.get("batch_size") or 1))
+
+            yield run
+
+    session.batch_sizes = batch_sizes  # type: ignore[attr-defined]
+    return session
+
+
+def _with_batches(loop: Loop, session: Session) -> Loop:
+    loop.batch_sizes = list(session.batch_sizes)  # type: ignore[attr-defined]
+    return loop
+
+
+def _fraud_bulk(client: InferqClient, jobs: list[list[dict[str, Any]]]) -> Loop:
+    started = time.perf_counter()
+    entries = client.submit_many("fraud", inputs=jobs)
+    refused = [e for e in entries if "job_id" not in e]
+    if refused:
+        raise RuntimeError(f"{len(refused)} bulk jobs refused; the first: {refused[0]}")
+    done = client.results([e["job_id"] for e in entries], wait_s=_JOB_WAIT_S)
+    elapsed_s = time.perf_counter() - started
+    failed = [job for job in done if job.get("status") != "succeeded"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} bulk fraud jobs did not succeed; the first: {failed[0]}")
+    return Loop(jobs=len(jobs), elapsed_s=elapsed_s, latencies_s=[], batch_sizes=[int(j["batch_size"]) for j in done])
+
+
+def measure_inferq(models: list[str], counts: Counts, redis_url: str, samples: list[Path], tmp: Path) -> SystemFigures:
+    figures = SystemFigures()
     api_port = free_port()
-    with EmbeddedRedis(tmp / "redis") as redis_server:
-        env = {**os.environ, "INFERQ_REDIS_URL": redis_server.url, "INFERQ_API_PORT": str(api_port)}
-        keys = ApiKeyStore(redis_client(redis_server.url, decode=True))
-        api_key = keys.create("bench", frozenset({"submit", "read"})).key
-        api_url = f"http://127.0.0.1:{api_port}"
-        with ServiceStack(env, tmp / "logs") as stack, InferqClient(api_url, api_key=api_key) as client:
-            stack.start("worker", "worker", "--pool", "cpu", "--models", model, "--concurrency", "1")
-            stack.start("api", "api")
-            stack.wait_http(f"http://127.0.0.1:{api_port}/readyz", timeout_s=120)
-            client.result(_submit(client, model, uploads[0]), wait_s=300)  # the worker is warm from here
-            started = time.perf_counter()
-            job_ids = [_submit(client, model, u) for u in uploads]
-            jobs = [client.result(job_id, wait_s=600) for job_id in job_ids]
-            elapsed_s = time.perf_counter() - started
-    assert all(job["status"] == "succeeded" for job in jobs), "a benchmark job failed"
-    latencies_s = [_seconds(job["finished_at"]) - _seconds(job["submitted_at"]) for job in jobs]
-    return len(jobs) / elapsed_s, statistics.median(latencies_s)
+    api_url = f"http://127.0.0.1:{api_port}"
+    served = ",".join(models)
+    env = {
+        **os.environ,
+        "INFERQ_REDIS_URL": redis_url,
+        "INFERQ_API_PORT": str(api_port),
+        "INFERQ_SERVED_MODELS": served,
+    }
+    keys = redis_client(redis_url, decode=True)
+    try:
+        api_key = ApiKeyStore(keys).create("bench", frozenset({"submit", "read"})).key
+    finally:
+        keys.close()
+    stack = ServiceStack(env, tmp / "inferq-logs")
+    try:
+        stack.start("worker", "worker", "--pool", "cpu", "--models", served)
+        stack.start("api", "api")
+        stack.wait_http(f"{api_url}/readyz", timeout_s=_STARTUP_TIMEOUT_S)
+        print(f"\ninferq: `inferq api` + `inferq worker --pool cpu --models {served}` (defaults)", flush=True)
+        if "chest-xray" in models:
+            uploads = _xray_inputs(samples, max(counts.xray_jobs, counts.low_load_jobs))
+
+            def submit_xray(client: InferqClient, index: int) -> str:
+                name, data = uploads[index % len(uploads)]
+                return client.submit("chest-xray", data, filename=name)
+
+            closed_loop(
+                _inferq_session(api_url, api_key, "chest-xray", submit_xray),
+                clients=counts.clients,
+                jobs=counts.clients,
+            )
+            session = _inferq_session(api_url, api_key, "chest-xray", submit_xray)
+            figures.xray_saturation = _with_batches(
+                closed_loop(session, clients=counts.clients, jobs=counts.xray_jobs), session
+            )
+            session = _inferq_session(api_url, api_key, "chest-xray", submit_xray)
+            figures.xray_low_load = _with_batches(closed_loop(session, clients=1, jobs=counts.low_load_jobs), session)
+        if "fraud" in models:
+            jobs = _fraud_inputs(counts.fraud_jobs)
+
+            def submit_fraud(client: InferqClient, index: int) -> str:
+                return client.submit("fraud", inputs=jobs[index])
+
+            closed_loop(
+                _inferq_session(api_url, api_key, "fraud", submit_fraud), clients=counts.clients, jobs=counts.clients
+            )
+            session = _inferq_session(api_url, api_key, "fraud", submit_fraud)
+            figures.fraud_per_job = _with_batches(
+                closed_loop(session, clients=counts.clients, jobs=counts.fraud_jobs), session
+            )
+            with InferqClient(api_url, api_key=api_key) as client:
+                figures.fraud_bulk = _fraud_bulk(client, jobs)
+    except BaseException:
+        for name in ("worker", "api"):
+            print(f"--- {name} log (tail)\n{stack.log_of(name)[-3000:]}", file=sys.stderr)
+        raise
+    finally:
+        stack.stop()
+    return figures
 
 
-def _seconds(iso: str) -> float:
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+# --- the report
+
+
+def _percentile(values: list[float], percent: float) -> float:
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(percent) - 1]
+
+
+def _ms(seconds: float) -> float:
+    return seconds * 1000
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> str:
+    if numerator is None or denominator is None or denominator <= 0:
+        return "-"
+    return f"{numerator / denominator:.2f}"
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _batch_note(loop: Loop | None) -> str:
+    if loop is None or not loop.batch_sizes:
+        return ""
+    return f"batch median {statistics.median(loop.batch_sizes):g}, max {max(loop.batch_sizes)}"
+
+
+Row = tuple[str, str, float | None, float | None, float | None, str]
+
+
+def _rows(limits: dict[str, Limit], naive: SystemFigures, inferq: SystemFigures, counts: Counts) -> list[Row]:
+    rows: list[Row] = []
+    if "chest-xray" in limits:
+        limit = limits["chest-xray"]
+        rows.append(
+            (
+                f"chest-xray saturation, {counts.clients} clients",
+                "jobs/s",
+                limit.best.per_s,
+                naive.xray_saturation.per_s if naive.xray_saturation else None,
+                inferq.xray_saturation.per_s if inferq.xray_saturation else None,
+                _batch_note(inferq.xray_saturation),
+            )
+        )
+        single = limit.single_run(1)
+        for percent in (50, 99):
+            reference = _ms(_percentile(single.single_latencies_s, percent)) if single else None
+            naive_ms = _ms(_percentile(naive.xray_low_load.latencies_s, percent)) if naive.xray_low_load else None
+            inferq_ms = _ms(_percentile(inferq.xray_low_load.latencies_s, percent)) if inferq.xray_low_load else None
+            rows.append((f"chest-xray low load p{percent}, 1 client", "ms", reference, naive_ms, inferq_ms, ""))
+            base = _ms(_percentile(single.single_latencies_s, 50)) if single else None
+            rows.append(
+                (
+                    f"  overhead p{percent} (minus in-process p50)",
+                    "ms",
+                    0.0 if base is not None else None,
+                    naive_ms - base if naive_ms is not None and base is not None else None,
+                    inferq_ms - base if inferq_ms is not None and base is not None else None,
+                    _batch_note(inferq.xray_low_load) if percent == 50 else "",
+                )
+            )
+    if "fraud" in limits:
+        best = limits["fraud"].best.per_s
+        naive_rate = naive.fraud_per_job.per_s if naive.fraud_per_job else None
+        rows.append(
+            (
+                f"fraud one-row jobs, {counts.clients} clients",
+                "jobs/s",
+                best,
+                naive_rate,
+                inferq.fraud_per_job.per_s if inferq.fraud_per_job else None,
+                _batch_note(inferq.fraud_per_job),
+            )
+        )
+        rows.append(
+            (
+                f"fraud {counts.fraud_jobs} one-row jobs, bulk",
+                "jobs/s",
+                best,
+                naive_rate,
+                inferq.fraud_bulk.per_s if inferq.fraud_bulk else None,
+                _batch_note(inferq.fraud_bulk) + " (naive: its per-job rate; it has no bulk)",
+            )
+        )
+    return rows
+
+
+def print_report(limits: dict[str, Limit], naive: SystemFigures, inferq: SystemFigures, counts: Counts) -> None:
+    print("\nresults (latency rows: lower is better, ratios there are system/limit of the end-to-end time)")
+    header = f"{'row':44} {'unit':6} {'limit':>9} {'naive':>9} {'inferq':>9}"
+    header += f" {'naive/limit':>11} {'inferq/limit':>12} {'inferq/naive':>12}  notes"
+    print(header)
+    for name, unit, limit, naive_value, inferq_value, note in _rows(limits, naive, inferq, counts):
+        overhead = name.strip().startswith("overhead")
+        line = f"{name:44} {unit:6} {_cell(limit):>9} {_cell(naive_value):>9} {_cell(inferq_value):>9}"
+        naive_limit = "-" if overhead else _ratio(naive_value, limit)
+        inferq_limit = "-" if overhead else _ratio(inferq_value, limit)
+        line += f" {naive_limit:>11} {inferq_limit:>12} {_ratio(inferq_value, naive_value):>12}  {note}"
+        print(line)
+    for model, limit in limits.items():
+        best = limit.best.candidate
+        print(f"limit of {model}: {best.processes} process(es) x {best.threads} thread(s), batch {best.batch}")
+    single = limits["chest-xray"].single_run(1) if "chest-xray" in limits else None
+    multi = limits["chest-xray"].single_run(usable_cpus()) if "chest-xray" in limits else None
+    if single and multi and multi is not single:
+        one, many = _percentile(single.single_latencies_s, 50), _percentile(multi.single_latencies_s, 50)
+        print(f"in-process single image p50: {_ms(one):.1f} ms on 1 thread, {_ms(many):.1f} ms on {usable_cpus()}")
+
+
+def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=MODELS, help="benchmark one model only")
+    parser.add_argument("--quick", action="store_true", help="small counts and a reduced search: a smoke run")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--xray-jobs", type=int, default=120, help="chest-xray jobs at saturation")
+    parser.add_argument("--low-load-jobs", type=int, default=30, help="chest-xray jobs at low load (1 client)")
+    parser.add_argument("--limit-images", type=int, default=48, help="chest-xray images per limit candidate")
+    parser.add_argument("--fraud-jobs", type=int, default=2000, help="fraud one-row jobs (limit, naive and inferq)")
+    parser.add_argument("--limit-child", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def _counts(args: argparse.Namespace) -> Counts:
+    if args.quick:
+        return Counts(clients=4, xray_jobs=6, low_load_jobs=3, limit_images=6, fraud_jobs=40, quick=True)
+    return Counts(
+        clients=args.clients,
+        xray_jobs=args.xray_jobs,
+        low_load_jobs=args.low_load_jobs,
+        limit_images=args.limit_images,
+        fraud_jobs=args.fraud_jobs,
+        quick=False,
+    )
+
+
+def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
+    # SystemExit unwinds the `finally` blocks, which stop every process this run started.
+    raise SystemExit(128 + signum)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="chest-xray", choices=["chest-xray", "fraud"])
-    parser.add_argument("--jobs", type=int, default=40)
-    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    args = _parse_args()
+    if args.limit_child:
+        _limit_child(args.limit_child)
+        return
+    began = time.monotonic()
+    counts = _counts(args)
+    models = [args.only] if args.only else list(MODELS)
+    usable = usable_cpus()
+    settings = Settings()
+    registry = load_registry(settings.registry_path)
+    for model in models:
+        ensure_generated_weights(registry.get_model(model), settings)
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    print(f"inferq benchmark, {now}: {usable} usable CPU(s) (os.cpu_count {os.cpu_count()}), torch {torch.__version__}")
+    print(f"{platform.platform()}; python {platform.python_version()}; counts {counts}")
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        uploads = _inputs(args.model, args.jobs, tmp)
-        reference = reference_rate(args.model, uploads)
-        system, median_latency_s = system_rate(args.model, uploads, tmp)
-    print(f"model {args.model}, {args.jobs} jobs, {os.cpu_count()} cores")
-    print(f"reference (in-process): {reference:8.1f} jobs/s")
-    print(f"inferq (HTTP+Celery):   {system:8.1f} jobs/s   median submit-to-finish {median_latency_s * 1000:.0f} ms")
-    print(f"ratio inferq/reference: {system / reference:8.2f}")
+        samples = write_samples(tmp / "samples")
+        limits = {model: measure_limit(model, counts, usable, tmp / "samples", tmp) for model in models}
+        with EmbeddedRedis(tmp / "redis") as redis_server:
+            naive = measure_naive(models, counts, redis_server.url, samples, tmp)
+            inferq = measure_inferq(models, counts, redis_server.url, samples, tmp)
+    print_report(limits, naive, inferq, counts)
+    print(f"bench took {time.monotonic() - began:.0f} s")
 
 
 if __name__ == "__main__":
