@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -32,6 +34,8 @@ _API_PORT = 8000
 _READY_TIMEOUT_S = 180.0
 _JOB_TIMEOUT_S = 300.0
 _RECOVERY_TIMEOUT_S = 240.0
+# The broker listens beyond loopback here (other hosts reach it), so it takes a password, as a real one would.
+_REDIS_PASSWORD = secrets.token_urlsafe(18)
 
 
 @dataclass
@@ -40,6 +44,7 @@ class Hosts:
     api_url: str
     stacks: dict[str, ServiceStack]
     samples: list[Path]
+    api_key: str = ""
 
     def worker_log(self, host: str) -> str:
         return self.stacks[host].log_of("worker")
@@ -55,10 +60,13 @@ def _base_env(tmp: Path) -> dict[str, str]:
 
 
 def _start_core(lab: NetworkLab, tmp: Path) -> ServiceStack:
-    env = {**_base_env(tmp), "INFERQ_REDIS_URL": f"redis://127.0.0.1:{_REDIS_PORT}/0"}
+    env = {**_base_env(tmp), "INFERQ_REDIS_URL": f"redis://:{_REDIS_PASSWORD}@127.0.0.1:{_REDIS_PORT}/0"}
     core = ServiceStack(env, tmp / "core")
     (tmp / "redis").mkdir()
-    redis_argv = [find_redis_server(), "--port", str(_REDIS_PORT), "--bind", "0.0.0.0", "--protected-mode", "no",
+    conf = tmp / "redis" / "redis.conf"
+    conf.touch(mode=0o600)
+    conf.write_text(f"requirepass {_REDIS_PASSWORD}\n")
+    redis_argv = [find_redis_server(), str(conf), "--port", str(_REDIS_PORT), "--bind", "0.0.0.0",
                   "--save", "", "--dir", str(tmp / "redis")]  # fmt: skip
     core.start_command("redis", lab.exec_argv(lab.core, redis_argv))
     api_argv = [sys.executable, "-m", "producers.cli", "api", "--host", "0.0.0.0", "--port", str(_API_PORT)]
@@ -68,7 +76,7 @@ def _start_core(lab: NetworkLab, tmp: Path) -> ServiceStack:
 
 def _start_worker(lab: NetworkLab, host: str, tmp: Path) -> ServiceStack:
     # The only thing a worker host is told: where the broker is, as that host sees it.
-    broker = f"redis://{lab.core_address_for(host)}:{_REDIS_PORT}/0"
+    broker = f"redis://:{_REDIS_PASSWORD}@{lab.core_address_for(host)}:{_REDIS_PORT}/0"
     stack = ServiceStack({**_base_env(tmp), "INFERQ_REDIS_URL": broker}, tmp / host)
     argv = [sys.executable, "-m", "producers.cli", "worker", "--pool", "cpu", "--models", "chest-xray",
             "--concurrency", "1"]  # fmt: skip
@@ -97,6 +105,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
             samples=write_samples(tmp / "samples"),
         )
         stacks[lab.core].wait_http(f"{hosts.api_url}/healthz", timeout_s=_READY_TIMEOUT_S)
+        hosts.api_key = _create_key(lab, stacks[lab.core])
         for index in (1, 2):
             _wait_for_log(stacks[lab.host(index)], "worker", re.compile(r"\bready\."), _READY_TIMEOUT_S)
         yield hosts
@@ -116,13 +125,20 @@ def _wait_for_log(stack: ServiceStack, name: str, pattern: re.Pattern[str], time
     raise AssertionError(f"{name} never logged {pattern.pattern!r}:\n{stack.log_of(name)[-4000:]}")
 
 
+def _create_key(lab: NetworkLab, core: ServiceStack) -> str:
+    """An API key made on the core host, as an operator there would: `inferq keys create`, last line."""
+    argv = [sys.executable, "-m", "producers.cli", "keys", "create", "--tenant", "hosts", "--roles", "submit,read"]
+    done = subprocess.run(lab.exec_argv(lab.core, argv), env=core.env, capture_output=True, text=True, check=True)
+    return done.stdout.strip().splitlines()[-1]
+
+
 def _submit(hosts: Hosts, count: int) -> list[str]:
-    with InferqClient(hosts.api_url) as client:
+    with InferqClient(hosts.api_url, api_key=hosts.api_key) as client:
         return [client.submit("chest-xray", hosts.samples[i % len(hosts.samples)]) for i in range(count)]
 
 
 def _statuses(hosts: Hosts, job_ids: list[str]) -> dict[str, str]:
-    with InferqClient(hosts.api_url) as client:
+    with InferqClient(hosts.api_url, api_key=hosts.api_key) as client:
         return {job_id: client.status(job_id)["status"] for job_id in job_ids}
 
 
