@@ -65,3 +65,15 @@ def test_a_deadline_out_of_range_is_a_422(stack: Stack) -> None:
             with pytest.raises(RemoteError) as caught:
                 client.submit("fraud", inputs=fraud_example(rows=1), deadline_s=bad)
             assert caught.value.remote_http_status == 422
+
+
+def test_a_callback_to_an_address_not_allowed_is_refused_at_send_time(stack: Stack) -> None:
+    # The stack allows 127.0.0.1 only: 127.0.0.2 is loopback too, and not on the list
+    with stack.client() as client:
+        job_id = client.submit("fraud", inputs=fraud_example(rows=1), callback_url="http://127.0.0.2:9/hook")
+        assert client.result(job_id, wait_s=120)["status"] == "succeeded"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and client.status(job_id)["callback"]["state"] != "failed":
+            time.sleep(0.1)
+        callback = client.status(job_id)["callback"]
+    assert callback["state"] == "failed" and callback["last"] == "target_refused"
