@@ -113,3 +113,19 @@ def idempotency_token(tenant: str, model: str, key: str) -> str:
     for part in (tenant, model, key):
         digest.update(part.encode("utf-8") + b"\x00")
     return digest.hexdigest()
+
+
+def stats_key(name: str) -> str:
+    """A hash of cluster-wide counters written by the Lua scripts (field: label values joined by `|`), read by
+    the API's /metrics: e.g. `finished` (model|status|code), `recoveries`, `redeliveries`, `callbacks`."""
+    return f"{PREFIX}:stats:{name}"
+
+
+def failures_key(minute: int) -> str:
+    """A hash of failed jobs per model in one minute (epoch seconds // 60), kept an hour, for `inferq status`."""
+    return f"{PREFIX}:failures:{minute}"
+
+
+def worker_slots_key(node: str) -> str:
+    """The jobs a worker node holds at once, refreshed with its heartbeat and expiring when it stops beating."""
+    return f"{PREFIX}:slots:{node}"

@@ -65,7 +65,7 @@ def run_worker(
         gpus=gpus,
     )
     print(f"inferq worker: {len(nodes)} node(s) x {torch_threads} torch thread(s) on {usable_cpus()} usable CPU(s)")
-    return Supervisor(nodes).run()
+    return Supervisor(nodes, metrics_host=settings.worker_metrics_host, metrics_port=settings.worker_metrics_port).run()
 
 
 def _upload_of(spec: ModelSpec, path: Path) -> FileUpload | TensorUpload:

@@ -21,9 +21,11 @@ from celery import Celery
 from protocol.errors import BackendUnavailable, BlobMissing, InferenceError, InferqError, TimeLimitExceeded
 from protocol.jobs import Claim, JobStatus, Outcome
 from protocol.keys import task_name_for
+from protocol.metrics import record_claim, record_outcome
 from protocol.registry import ModelSpec, Registry
 from workers.batcher import BatchOutput, Fenced
 from workers.inference import build_result
+from workers.metrics import record_gpu_memory
 from workers.runtime import WorkerRuntime, retry_backoff_s
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ def execute_job(runtime: WorkerRuntime, model: str, job_id: str, blob_ref: str) 
         # Cancelled, expired, finished (a redelivered message), held by a live attempt, or unknown: nothing to run.
         log.info("job %s not run: %s", job_id, claim.outcome)
         return {"job_id": job_id, "status": claim.outcome}
+    record_claim(model, token=claim.token, queued_s=claim.queued_s)
     spec = runtime.registry.get_model(model)
     keeper = runtime.leases
     if keeper is not None:
@@ -85,6 +88,9 @@ def _attempt(
     if reply == "ok:callback":
         runtime.send_callback(job_id)
     if reply.startswith("ok"):
+        code = str((payload or {}).get("code", "")) if status == JobStatus.FAILED else ""
+        record_outcome(spec.name, status.value, code, queued_s=claim.queued_s, compute_s=time.monotonic() - started_s)
+        record_gpu_memory(runtime.device())
         log.info("job %s recorded %s (attempt %d, batch of %d)", job_id, status.value, claim.token, batch_jobs)
     else:
         log.warning("job %s: outcome of attempt %d not recorded: %s", job_id, claim.token, reply)
