@@ -80,6 +80,10 @@ def stack(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory)
         "INFERQ_MODELS_DIR": str(Settings().models_dir),
         "INFERQ_API_PORT": str(api_port),
         "INFERQ_TORCH_THREADS": "1",
+        # The worker metrics server is tested on its own worker (test_observability); no port fights here.
+        "INFERQ_WORKER_METRICS_PORT": "0",
+        # fraud-idle has no worker on purpose: /readyz waits for the others (as on main).
+        "INFERQ_SERVED_MODELS": "chest-xray,fraud,fraud-celery",
     }
     services = ServiceStack(env, tmp / "logs")
     services.start("worker", "worker", "--pool", "cpu", "--models", "chest-xray,fraud", "--concurrency", "1")
