@@ -100,6 +100,14 @@ class Settings(BaseSettings):
         "largest max_batch_size of its models, at most 64.",
     )
 
+    worker_metrics_port: int = Field(
+        default=9464,
+        ge=0,
+        le=65535,
+        description="Where `inferq worker` serves its nodes' Prometheus metrics (/metrics, no auth); 0: not served.",
+    )
+    worker_metrics_host: str = Field(default="127.0.0.1", description="Loopback unless told otherwise.")
+
     served_models: str = Field(
         default="",
         description="Comma-separated models that must have a live worker for /readyz; empty: every registry model.",
@@ -168,6 +176,19 @@ class Settings(BaseSettings):
     queue_full_retry_after_s: int = Field(
         default=5, gt=0, description="`Retry-After` of a 429 answered while a model's queue is at its maximum depth."
     )
+
+    # --- observability
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="One JSON object per log line (job_id, model, tenant where known), or text."
+    )
+    log_level: str = Field(default="INFO", description="Level of inferq's own processes' logs.")
+    flower_db_path: Path | None = Field(
+        default=None, description="Flower's persistent state (tasks seen, across restarts); unset: data_dir/flower.db."
+    )
+
+    @property
+    def flower_db(self) -> Path:
+        return self.flower_db_path or self.data_dir / "flower.db"
 
     @field_validator("registry_path", "models_dir", "data_dir")
     @classmethod

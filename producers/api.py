@@ -17,7 +17,8 @@ import anyio
 import redis
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -29,10 +30,11 @@ from producers.api_keys import ApiKeyStore
 from producers.auth import Reader, Submitter, require_own_job
 from producers.bodies import check_declared_length, parse_json, read_body, read_multipart
 from producers.bulk import JobsQuery, outcomes_of, read_file_items, read_json_body, read_tensor_items
+from producers.metrics import ClusterCollector, api_metrics_registry
 from producers.readiness import consumers_per_model, served_models
 from producers.submit import JobSubmitter, Receipt, SubmitItem, SubmitOptions
 from producers.waiting import CompletionHub, is_final, prefer_wait_s, wait_for_jobs
-from protocol.celery_config import build_celery
+from protocol.celery_config import broker_kind, build_celery
 from protocol.codec import TensorPayload
 from protocol.connections import Stores, open_stores
 from protocol.errors import (
@@ -50,6 +52,7 @@ from protocol.errors import (
     error_payload,
 )
 from protocol.intake import FileUpload, TensorUpload
+from protocol.logs import bind_context
 from protocol.registry import Registry, load_registry
 
 log = logging.getLogger(__name__)
@@ -324,9 +327,16 @@ def _register_job_routes(app: FastAPI, state: ApiState) -> None:
                 "body, or application/json with 'inputs'"
             )
         options = _options({**_header_options(request), **fields}, idempotency_key, principal.tenant)
-        receipt = await anyio.to_thread.run_sync(
-            state.submitter.submit, model, upload, options, limiter=state.probe_limiter
-        )
+        with bind_context(model=model, tenant=principal.tenant):
+            receipt = await anyio.to_thread.run_sync(
+                state.submitter.submit, model, upload, options, limiter=state.probe_limiter
+            )
+            log.info(
+                "job %s %s",
+                receipt.job_id,
+                "replayed" if receipt.replayed else "accepted",
+                extra={"job_id": receipt.job_id},
+            )
         return await _accepted(state, request, receipt, prefer_wait_s(prefer))
 
     @app.get("/v1/jobs/{job_id}", response_model=JobView, responses=_ERRORS, name="get_job")
@@ -472,6 +482,20 @@ def _register_health_routes(app: FastAPI, state: ApiState) -> None:
         raise NoConsumer(f"no live worker consumes the queue of: {', '.join(idle)}")
 
 
+def _register_metrics_route(app: FastAPI, state: ApiState) -> None:
+    # Open like the health probes, so that Prometheus scrapes it without a key: it carries models, queues, statuses,
+    # error codes and counts, never a job id, a tenant or anything from an upload. Keep it off the public network.
+    redis_broker = broker_kind(state.settings.broker_url_or_default) == "redis"
+    collector = ClusterCollector(
+        state.stores.text, state.registry, state.submitter.queue_depths, redis_broker=redis_broker
+    )
+    registry = api_metrics_registry(collector)
+
+    @app.get("/metrics", summary="Prometheus metrics of the cluster (no authentication, nothing sensitive)")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
     settings = settings or Settings()
     registry = registry or load_registry(settings.registry_path)
@@ -516,4 +540,5 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     _register_bulk_routes(app, state)
     _register_model_routes(app, state)
     _register_health_routes(app, state)
+    _register_metrics_route(app, state)
     return app

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import redis
 from tqdm import tqdm
 
 from config import Settings
@@ -163,10 +164,20 @@ def _wait_all(client: InferqClient, submitted: list[tuple[Path, str]], timeout_s
 
 
 @main.command()
-@click.argument("job_id")
+@click.argument("job_id", required=False)
 @click.option("--api-url", default=None)
-def status(job_id: str, api_url: str | None) -> None:
-    """Print a job's status and result as JSON."""
+@click.option("--minutes", default=5, show_default=True, help="Without a job id: count failures over this window.")
+def status(job_id: str | None, api_url: str | None, minutes: int) -> None:
+    """With a job id: the job's status and result as JSON (through the API). Without: every queue's depth, oldest
+    waiting job, running jobs, live workers and recent failures, read from Redis (INFERQ_REDIS_URL)."""
+    if job_id is None:
+        from producers.metrics import render_status, status_rows
+
+        try:
+            click.echo(render_status(status_rows(Settings(), minutes=minutes), minutes=minutes))
+        except redis.RedisError as e:
+            raise click.ClickException(f"Redis does not answer ({type(e).__name__}); check INFERQ_REDIS_URL") from e
+        return
     with _client(_settings(api_url=api_url)) as client:
         _run_client(lambda: client.status(job_id))
 
@@ -205,12 +216,20 @@ def api(host: str | None, port: int | None) -> None:
 
     from producers.access_log import configure_access_log
     from producers.api import create_app
+    from protocol.logs import configure_logging
 
     settings = _settings(api_host=host, api_port=port)
+    configure_logging(settings)
     configure_access_log(settings.access_log_path)
-    # uvicorn's own access log prints query strings; inferq's (producers.access_log) never does.
+    # uvicorn's own access log prints query strings; inferq's (producers.access_log) never does. Its other loggers
+    # are left unconfigured (log_config=None) so that their lines reach the root handler, in inferq's format.
     uvicorn.run(
-        create_app(settings), host=settings.api_host, port=settings.api_port, log_level="info", access_log=False
+        create_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level="info",
+        access_log=False,
+        log_config=None,
     )
 
 

@@ -71,6 +71,8 @@ def _service_env(settings: Settings, redis_url: str, api_port: int, flower_port:
         "INFERQ_MODELS_DIR": str(settings.models_dir),
         # Callbacks are signed; the demo makes a secret for this run unless one is configured.
         "INFERQ_CALLBACK_SECRET": _callback_secret(settings),
+        # The demo is watched by a person: plain text lines, not JSON.
+        "INFERQ_LOG_FORMAT": "text",
     }
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import sys
 import threading
 from typing import Any
 
@@ -15,6 +14,7 @@ from protocol.celery_config import build_celery
 from protocol.connections import Stores, open_stores
 from protocol.jobs import JobStore
 from protocol.keys import dead_letter_key, job_key
+from protocol.logs import configure_logging
 from protocol.registry import load_registry
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def build_reconciler(settings: Settings) -> Reconciler:
 
 
 def run_reconciler(settings: Settings, *, once: bool) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    configure_logging(settings)
     reconciler = build_reconciler(settings)
     if once:
         print(json.dumps(dict(reconciler.tick(check_lost=True))))

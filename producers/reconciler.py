@@ -106,7 +106,9 @@ class Reconciler:
             outcome = self._jobs.recover(job_id, backoff_s=_RETRY_BACKOFF_S)
             counts[f"lease_{outcome}"] += 1
             if outcome == "dead":
-                log.warning("job %s dead-lettered: its attempts kept losing their worker", job_id)
+                log.warning(
+                    "job %s dead-lettered: its attempts kept losing their worker", job_id, extra={"job_id": job_id}
+                )
                 self._maybe_callback(job_id)
         return counts
 
@@ -136,7 +138,7 @@ class Reconciler:
         counts: Counter[str] = Counter()
         for job_id in old:
             if job_id not in in_broker and self._still_waiting(job_id, cutoff_s) and self.publish(job_id):
-                log.warning("job %s: its message was lost; published again", job_id)
+                log.warning("job %s: its message was lost; published again", job_id, extra={"job_id": job_id})
                 counts["lost_republished"] += 1
         return counts
 

@@ -150,11 +150,12 @@ class CallbackDeliverer:
                 timeout_s=self._settings.callback_timeout_s,
             )
         except TargetRefused as e:
-            log.warning("job %s: callback target refused: %s", job_id, e)
+            log.warning("job %s: callback target refused: %s", job_id, e, extra={"job_id": job_id})
             return jobs.callback_done(job_id, "failed", "target_refused")
         except httpx.HTTPError as e:
             return self._retry_or_give_up(job_id, fields, type(e).__name__)
         if 200 <= status < 300:
+            log.info("job %s: callback delivered (HTTP %d)", job_id, status, extra={"job_id": job_id})
             return jobs.callback_done(job_id, "delivered", f"HTTP {status}")
         if status == 410:  # the receiver says it will never want this: stop
             return jobs.callback_done(job_id, "failed", "HTTP 410")
@@ -165,11 +166,17 @@ class CallbackDeliverer:
         attempts = int(fields.get("callback_attempts") or "1")
         finished_s = float(fields.get("finished_at") or "0")
         if jobs.server_time_s() - finished_s > self._settings.callback_retry_period_s:
-            log.warning("job %s: callback given up after %d attempts (%s)", job_id, attempts, detail)
+            log.warning(
+                "job %s: callback given up after %d attempts (%s)", job_id, attempts, detail, extra={"job_id": job_id}
+            )
             return jobs.callback_done(job_id, "failed", detail)
         base_s = self._settings.callback_backoff_s
         delay_s = min(_BACKOFF_MAX_S, base_s * 2 ** (attempts - 1)) * (0.5 + random.random())  # noqa: S311
-        log.info("job %s: callback attempt %d failed (%s); next in %.0f s", job_id, attempts, detail, delay_s)
+        log.info(
+            "job %s: callback attempt %d failed (%s); next in %.0f s",
+            *(job_id, attempts, detail, delay_s),
+            extra={"job_id": job_id, "model": fields.get("model")},
+        )
         return jobs.callback_done(job_id, "retry", detail, retry_in_s=delay_s)
 
 

@@ -16,15 +16,21 @@ from protocol.keys import (
     callbacks_key,
     dead_letter_key,
     done_channel,
+    failures_key,
     leases_key,
     published_key,
     queued_key,
     retries_key,
+    stats_key,
     tenant_jobs_key,
     tenant_waiting_key,
 )
 
 DEFAULT_MAX_ATTEMPTS = 3
+# Failed jobs per model per minute are kept this long for `inferq status`.
+FAILURES_KEEP_S = 3600
+_STATS_PREFIX = stats_key("")
+_FAILURES_PREFIX = failures_key(0).removesuffix("0")
 
 _PRELUDE = f"""
 local J = KEYS[1]
@@ -43,6 +49,15 @@ local function tenant_waiting()
     (redis.call('HGET', J, 'model') or '')
 end
 local function tenant_jobs() return '{tenant_jobs_key("")}' .. (redis.call('HGET', J, 'tenant') or '') end
+-- Cluster-wide counters for /metrics: one hash per counter, the field is the label values joined by '|'.
+local function count(name, labels) redis.call('HINCRBY', '{_STATS_PREFIX}' .. name, labels, 1) end
+local function model() return redis.call('HGET', J, 'model') or '' end
+local function error_code(err)
+  if err == '' then return '' end
+  local ok, decoded = pcall(cjson.decode, err)
+  if ok and type(decoded) == 'table' and type(decoded.code) == 'string' then return decoded.code end
+  return 'unknown'
+end
 -- Move the job to a final state: drop it from every index, announce it, keep it readable for keep_ttl.
 local function finalize(status, result, err, keep_ttl, keep_blob, callback_grace)
   redis.call('HSET', J, 'status', status, 'finished_at', now, 'result', result, 'error', err)
@@ -62,6 +77,12 @@ local function finalize(status, result, err, keep_ttl, keep_blob, callback_grace
     redis.call('ZADD', CALLBACKS, now + tonumber(callback_grace), ID)
   end
   redis.call('PUBLISH', '{done_channel()}', ID)
+  count('finished', model() .. '|' .. status .. '|' .. error_code(err))
+  if status == 'failed' then
+    local minute = '{_FAILURES_PREFIX}' .. math.floor(now / 60)
+    redis.call('HINCRBY', minute, model(), 1)
+    redis.call('EXPIRE', minute, {FAILURES_KEEP_S})
+  end
   return owed
 end
 -- Put a job back in the queue after a failed attempt; the reconciler publishes it once the backoff ends.
@@ -108,7 +129,8 @@ return ID
 """
 
 # ARGV: id, node, pid, lease s, expired error, keep ttl, callback grace.
-# Returns {outcome, token, lost}: outcome 'claimed', 'leased' (a live attempt holds it), a final status, 'missing'.
+# Returns {outcome, token, lost, queued s}: outcome 'claimed', 'leased' (a live attempt holds it), a final status,
+# 'missing'; queued s (a string: Lua numbers become integers in replies) is how long the job waited since submission.
 CLAIM = f"""{_PRELUDE}
 local status = redis.call('HGET', J, 'status')
 if not status then return {{'missing', 0, 0}} end
@@ -138,7 +160,9 @@ redis.call('ZREM', QUEUED, ID)
 redis.call('ZREM', PUBLISHED, ID)
 redis.call('ZREM', RETRIES, ID)
 redis.call('ZREM', tenant_waiting(), ID)
-return {{'claimed', token, num('lost')}}
+count('claims', model())
+if token > 1 then count('redeliveries', model()) end
+return {{'claimed', token, num('lost'), tostring(now - num('submitted_at'))}}
 """
 
 _FENCE = """
@@ -187,11 +211,13 @@ end
 if num('lease_until') > now then return 'live' end
 redis.call('HINCRBY', J, 'lost', 1)
 if num('attempts') - num('handoffs') >= max_attempts() then
+  count('recoveries', model() .. '|dead')
   dead_letter('', ARGV[3], ARGV[4])
   return 'dead'
 end
 local err = cjson.encode({{code = 'worker_lost', message = 'the worker running the job was lost', retryable = true}})
 requeue(tonumber(ARGV[2]), err)
+count('recoveries', model() .. '|requeued')
 return 'requeued'
 """
 
@@ -252,6 +278,7 @@ return 'ok'
 CALLBACK_DONE = f"""{_PRELUDE}
 if redis.call('EXISTS', J) == 0 then redis.call('ZREM', CALLBACKS, ID) return 'missing' end
 redis.call('HSET', J, 'callback_last', ARGV[3])
+count('callbacks', ARGV[2])
 if ARGV[2] == 'retry' then
   redis.call('ZADD', CALLBACKS, now + tonumber(ARGV[4]), ID)
   return 'retry'

@@ -84,6 +84,7 @@ class Claim:
     outcome: str
     token: int = 0
     lost: int = 0
+    queued_s: float = 0.0  # how long the job waited between submission and this claim (server clock)
 
     @property
     def claimed(self) -> bool:
@@ -254,9 +255,10 @@ class JobStore:
 
     @staticmethod
     def claim_result(reply: Any) -> Claim:
-        outcome, token, lost = reply
+        outcome, token, lost, *waited = reply
         outcome = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
-        return Claim(outcome=outcome, token=int(token), lost=int(lost))
+        queued_s = float(waited[0]) if waited else 0.0
+        return Claim(outcome=outcome, token=int(token), lost=int(lost), queued_s=queued_s)
 
     def begin(self, leases: list[tuple[str, int]]) -> list[bool]:
         """Mark attempts as computing (no cancelling from here); False for an attempt that was fenced off."""

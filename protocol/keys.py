@@ -129,3 +129,19 @@ def tenant_waiting_key(tenant: str, model: str) -> str:
 def tenant_jobs_key(tenant: str) -> str:
     """Sorted set of a tenant's jobs by submission time, for its job listing."""
     return f"{PREFIX}:tjobs:{tenant}"
+
+
+def stats_key(name: str) -> str:
+    """A hash of cluster-wide counters written by the Lua scripts (field: label values joined by `|`), read by
+    the API's /metrics: e.g. `finished` (model|status|code), `recoveries`, `redeliveries`, `callbacks`."""
+    return f"{PREFIX}:stats:{name}"
+
+
+def failures_key(minute: int) -> str:
+    """A hash of failed jobs per model in one minute (epoch seconds // 60), kept an hour, for `inferq status`."""
+    return f"{PREFIX}:failures:{minute}"
+
+
+def worker_slots_key(node: str) -> str:
+    """The jobs a worker node holds at once, refreshed with its heartbeat and expiring when it stops beating."""
+    return f"{PREFIX}:slots:{node}"

@@ -249,7 +249,7 @@ def _run_candidate(model: str, candidate: Candidate, count: int, samples_dir: Pa
 def measure_limit(model: str, counts: Counts, usable: int, samples_dir: Path, tmp: Path) -> Limit:
     count = counts.fraud_jobs if model == "fraud" else counts.limit_images
     unit = "jobs" if model == "fraud" else "images"
-    print(f"\nlimit search, {model}: {count} {unit} per candidate, each candidate in fresh processes", flush=True)
+    print(f"\nlimit search, {model}: {count} {unit} per candidate, each in fresh processes; {_load()}", flush=True)
     print(f"  {'processes':>9} {'threads':>7} {'batch':>5} {unit + '/s':>10} {'single p50 ms':>14}")
     runs = []
     for candidate in _candidates(model, usable, counts.quick):
@@ -356,7 +356,7 @@ def measure_naive(models: list[str], counts: Counts, redis_url: str, samples: li
     try:
         stack.start_command("naive", [sys.executable, "-m", "celery", "-A", "naive_celery_app", "worker"])
         _wait_naive_ready(redis_url, stack)
-        print("\nnaive Celery app: `celery -A naive_celery_app worker` (prefork, defaults)", flush=True)
+        print(f"\nnaive Celery app: `celery -A naive_celery_app worker` (prefork, defaults); {_load()}", flush=True)
         if "chest-xray" in models:
             uploads = _xray_inputs(samples, max(counts.xray_jobs, counts.low_load_jobs))
             encoded = [base64.b64encode(data).decode("ascii") for _, data in uploads]
@@ -380,28 +380,30 @@ def measure_naive(models: list[str], counts: Counts, redis_url: str, samples: li
 # --- 3. inferq
 
 
-def _inferq_session(api_url: str, api_key: str, model: str, submit: Callable[[InferqClient, int], str]) -> Session:
-    batch_sizes: list[int] = []
+class InferqSession:
+    """Makes a client thread's session: its own `InferqClient`; each job submitted, then waited for by
+    long-polling. Keeps the batch size each job ran in (shared by the threads: appends are atomic)."""
+
+    def __init__(self, api_url: str, api_key: str, model: str, submit: Callable[[InferqClient, int], str]) -> None:
+        self._api_url, self._api_key, self._model, self._submit = api_url, api_key, model, submit
+        self.batch_sizes: list[int] = []
 
     @contextmanager
-    def session() -> Iterator[JobRunner]:
-        with InferqClient(api_url, api_key=api_key) as client:
+    def __call__(self) -> Iterator[JobRunner]:
+        with InferqClient(self._api_url, api_key=self._api_key) as client:
 
             def run(index: int) -> None:
-                job = client.result(submit(client, index), wait_s=_JOB_WAIT_S)
+                job = client.result(self._submit(client, index), wait_s=_JOB_WAIT_S)
                 if job["status"] != "succeeded":
-                    raise RuntimeError(f"a {model} job ended {job['status']}: {job.get('error')}")
-                batch_sizes.append(int(job.get("batch_size") or 1))
+                    raise RuntimeError(f"a {self._model} job ended {job['status']}: {job.get('error')}")
+                self.batch_sizes.append(int(job.get("batch_size") or 1))
 
             yield run
 
-    session.batch_sizes = batch_sizes  # type: ignore[attr-defined]
-    return session
-
-
-def _with_batches(loop: Loop, session: Session) -> Loop:
-    loop.batch_sizes = list(session.batch_sizes)  # type: ignore[attr-defined]
-    return loop
+    def loop(self, *, clients: int, jobs: int) -> Loop:
+        loop = closed_loop(self, clients=clients, jobs=jobs)
+        loop.batch_sizes = list(self.batch_sizes)
+        return loop
 
 
 def _fraud_bulk(client: InferqClient, jobs: list[list[dict[str, Any]]]) -> Loop:
@@ -439,7 +441,9 @@ def measure_inferq(models: list[str], counts: Counts, redis_url: str, samples: l
         stack.start("worker", "worker", "--pool", "cpu", "--models", served)
         stack.start("api", "api")
         stack.wait_http(f"{api_url}/readyz", timeout_s=_STARTUP_TIMEOUT_S)
-        print(f"\ninferq: `inferq api` + `inferq worker --pool cpu --models {served}` (defaults)", flush=True)
+        print(
+            f"\ninferq: `inferq api` + `inferq worker --pool cpu --models {served}` (defaults); {_load()}", flush=True
+        )
         if "chest-xray" in models:
             uploads = _xray_inputs(samples, max(counts.xray_jobs, counts.low_load_jobs))
 
@@ -447,30 +451,20 @@ def measure_inferq(models: list[str], counts: Counts, redis_url: str, samples: l
                 name, data = uploads[index % len(uploads)]
                 return client.submit("chest-xray", data, filename=name)
 
-            closed_loop(
-                _inferq_session(api_url, api_key, "chest-xray", submit_xray),
-                clients=counts.clients,
-                jobs=counts.clients,
-            )
-            session = _inferq_session(api_url, api_key, "chest-xray", submit_xray)
-            figures.xray_saturation = _with_batches(
-                closed_loop(session, clients=counts.clients, jobs=counts.xray_jobs), session
-            )
-            session = _inferq_session(api_url, api_key, "chest-xray", submit_xray)
-            figures.xray_low_load = _with_batches(closed_loop(session, clients=1, jobs=counts.low_load_jobs), session)
+            InferqSession(api_url, api_key, "chest-xray", submit_xray).loop(clients=counts.clients, jobs=counts.clients)
+            session = InferqSession(api_url, api_key, "chest-xray", submit_xray)
+            figures.xray_saturation = session.loop(clients=counts.clients, jobs=counts.xray_jobs)
+            session = InferqSession(api_url, api_key, "chest-xray", submit_xray)
+            figures.xray_low_load = session.loop(clients=1, jobs=counts.low_load_jobs)
         if "fraud" in models:
             jobs = _fraud_inputs(counts.fraud_jobs)
 
             def submit_fraud(client: InferqClient, index: int) -> str:
                 return client.submit("fraud", inputs=jobs[index])
 
-            closed_loop(
-                _inferq_session(api_url, api_key, "fraud", submit_fraud), clients=counts.clients, jobs=counts.clients
-            )
-            session = _inferq_session(api_url, api_key, "fraud", submit_fraud)
-            figures.fraud_per_job = _with_batches(
-                closed_loop(session, clients=counts.clients, jobs=counts.fraud_jobs), session
-            )
+            InferqSession(api_url, api_key, "fraud", submit_fraud).loop(clients=counts.clients, jobs=counts.clients)
+            session = InferqSession(api_url, api_key, "fraud", submit_fraud)
+            figures.fraud_per_job = session.loop(clients=counts.clients, jobs=counts.fraud_jobs)
             with InferqClient(api_url, api_key=api_key) as client:
                 figures.fraud_bulk = _fraud_bulk(client, jobs)
     except BaseException:
@@ -483,6 +477,12 @@ def measure_inferq(models: list[str], counts: Counts, redis_url: str, samples: l
 
 
 # --- the report
+
+
+def _load() -> str:
+    """The load average: other work on these cores makes every figure noisier (and multi-threaded torch slower)."""
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f} (1 min), {five:.1f} (5 min)"
 
 
 def _percentile(values: list[float], percent: float) -> float:
@@ -576,11 +576,11 @@ def print_report(limits: dict[str, Limit], naive: SystemFigures, inferq: SystemF
     header = f"{'row':44} {'unit':6} {'limit':>9} {'naive':>9} {'inferq':>9}"
     header += f" {'naive/limit':>11} {'inferq/limit':>12} {'inferq/naive':>12}  notes"
     print(header)
-    for name, unit, limit, naive_value, inferq_value, note in _rows(limits, naive, inferq, counts):
+    for name, unit, limit_value, naive_value, inferq_value, note in _rows(limits, naive, inferq, counts):
         overhead = name.strip().startswith("overhead")
-        line = f"{name:44} {unit:6} {_cell(limit):>9} {_cell(naive_value):>9} {_cell(inferq_value):>9}"
-        naive_limit = "-" if overhead else _ratio(naive_value, limit)
-        inferq_limit = "-" if overhead else _ratio(inferq_value, limit)
+        line = f"{name:44} {unit:6} {_cell(limit_value):>9} {_cell(naive_value):>9} {_cell(inferq_value):>9}"
+        naive_limit = "-" if overhead else _ratio(naive_value, limit_value)
+        inferq_limit = "-" if overhead else _ratio(inferq_value, limit_value)
         line += f" {naive_limit:>11} {inferq_limit:>12} {_ratio(inferq_value, naive_value):>12}  {note}"
         print(line)
     for model, limit in limits.items():
@@ -649,6 +649,7 @@ def main() -> None:
             naive = measure_naive(models, counts, redis_server.url, samples, tmp)
             inferq = measure_inferq(models, counts, redis_server.url, samples, tmp)
     print_report(limits, naive, inferq, counts)
+    print(f"at the end: {_load()}")
     print(f"bench took {time.monotonic() - began:.0f} s")
 
 

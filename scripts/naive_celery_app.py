@@ -45,7 +45,7 @@ def chest_xray(image_b64: str) -> dict[str, Any]:
 
 
 def fraud(rows: list[list[float]]) -> list[list[float]]:
-    return _runners["fraud"].infer(np.asarray(rows, dtype=np.float32)).tolist()  # type: ignore[no-any-return]
+    return _runners["fraud"].infer(np.asarray(rows, dtype=np.float32)).tolist()
 
 
 def create_app(redis_url: str) -> Celery:

@@ -143,7 +143,7 @@ class Monitor:
                     raise RuntimeError(f"MONITOR did not see the marker {text!r}: {self._error!r}")
                 self._seen.wait(timeout=0.5)
 
-    def window(self, label: str, work: Callable[[], None]) -> Capture:
+    def window(self, label: str, work: Callable[[], object]) -> Capture:
         self.mark(f"open:{label}")
         work()
         self.mark(f"close:{label}")
@@ -330,12 +330,12 @@ def print_commands(idle: Capture, busy: Capture, owners: dict[str, str], jobs: i
     print(f"\nRedis commands per job (MONITOR over {jobs} jobs in {busy.span_s:.1f} s, minus the idle rate of a")
     print(f"{idle.span_s:.1f} s window scaled to it; the profiler's own commands left out)")
     print(f"  {'sent by':22} {'command':20} {'per job':>8} {'idle per s':>11}")
-    totals: Counter[str] = Counter()
+    totals: dict[str, float] = {}
     for (service, command), count in sorted(net.items(), key=lambda item: (item[0][0], -item[1])):
         if service == "profiler":
             continue
         per_job = count / jobs
-        totals[service] += per_job
+        totals[service] = totals.get(service, 0.0) + per_job
         idle_rate = idle_counts.get((service, command), 0) / idle.span_s if idle.span_s > 0 else 0.0
         if abs(per_job) >= 0.05 or idle_rate > 0:
             print(f"  {service:22} {command:20} {per_job:8.2f} {idle_rate:11.2f}")
@@ -381,7 +381,7 @@ def main() -> None:
                 marks = run_jobs(client, jobs)
                 monitor.start()
                 idle = monitor.window(f"idle-{uuid.uuid4().hex}", lambda: time.sleep(args.idle_s))
-                busy = monitor.window(f"busy-{uuid.uuid4().hex}", lambda: run_jobs(client, jobs) and None)
+                busy = monitor.window(f"busy-{uuid.uuid4().hex}", lambda: run_jobs(client, jobs))
             owners = port_owners(stack)
             floor_ms = floors(api_url, url, runs=args.jobs)
             print_timeline(timelines(url, marks), floor_ms)

@@ -22,6 +22,7 @@ from protocol.callbacks import register_callback_task
 from protocol.celery_config import build_celery
 from protocol.errors import InferqError
 from protocol.keys import CALLBACK_QUEUE, CALLBACK_TASK, task_name_for
+from protocol.logs import connect_celery_logging
 from protocol.registry import load_registry
 from workers.runtime import WorkerRuntime, require_cuda
 from workers.tasks import register_tasks
@@ -36,13 +37,14 @@ register_tasks(app, registry, lambda: runtime)
 register_callback_task(app, settings)
 runtime.send_callback = lambda job_id: _send_callback(job_id)
 runtime.send_prepared = lambda model, job_id, tensor_ref: _send_prepared(model, job_id, tensor_ref)
+connect_celery_logging(settings)
 
 
 def _send_callback(job_id: str) -> None:
     try:
         app.send_task(CALLBACK_TASK, args=[job_id], queue=CALLBACK_QUEUE)
     except Exception as e:  # the reconciler hands the callback out once its grace has passed
-        log.warning("job %s: callback not queued now (%s)", job_id, type(e).__name__)
+        log.warning("job %s: callback not queued now (%s)", job_id, type(e).__name__, extra={"job_id": job_id})
 
 
 def _send_prepared(model: str, job_id: str, tensor_ref: str) -> None:
@@ -63,7 +65,7 @@ def _prepare(sender: str, instance: Any, **_: Any) -> None:
         runtime.prepare_weights()
         pool = instance.pool_cls
         if not (isinstance(pool, type) and issubclass(pool, PreforkPool)):
-            runtime.start(node=sender)
+            runtime.start(node=sender, slots=instance.concurrency)
     except InferqError as e:
         # A worker that cannot serve its models must not take their jobs: stop with the reason. Celery turns a
         # SystemExit raised here into the worker's exit status, and drops its message, so say it first.

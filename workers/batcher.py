@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from protocol.errors import InferqError
+from protocol.metrics import record_batch
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,7 @@ class DynamicBatcher:
             self._compute(live)
 
     def _compute(self, batch: list[_Item]) -> None:
+        started_s = time.monotonic()
         try:
             outputs = self._run_batch(np.concatenate([item.rows for item in batch]))
         except Exception as e:
@@ -190,6 +192,7 @@ class DynamicBatcher:
                 self._compute([item])
             return
         self._record(len(batch))
+        record_batch(self.name, jobs=len(batch), seconds=time.monotonic() - started_s)
         start = 0
         for item in batch:
             stop = start + len(item.rows)

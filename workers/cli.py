@@ -69,7 +69,7 @@ def run_worker(
         gpus=gpus,
     )
     print(f"inferq worker: {len(nodes)} node(s) x {torch_threads} torch thread(s) on {usable_cpus()} usable CPU(s)")
-    return Supervisor(nodes).run()
+    return Supervisor(nodes, metrics_host=settings.worker_metrics_host, metrics_port=settings.worker_metrics_port).run()
 
 
 def stage_queues(specs: list[ModelSpec], stage: str) -> list[str]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from protocol.errors import TimeLimitExceeded
 from protocol.jobs import JobStatus, JobStore, Outcome
-from protocol.keys import consumers_key
+from protocol.keys import consumers_key, worker_slots_key
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 HARD_LIMIT_EXIT_STATUS = 70
 # Time limits are checked this often, so a limit is kept to within half a second.
 _LIMIT_CHECK_S = 0.5
+# The slots record outlives a few missed heartbeats; capacity counts only nodes whose heartbeat is fresh anyway.
+_SLOTS_TTL_S = 60
 
 
 @dataclass
@@ -52,8 +54,10 @@ class LeaseKeeper:
         lease_s: float,
         on_timeout: Callable[[str], None] | None = None,
         exit_process: Callable[[int], None] = os._exit,
+        slots: int = 0,
     ) -> None:
         self._jobs = jobs
+        self._slots = slots
         self._node = node
         self._queues = queues
         self.lease_s = lease_s
@@ -76,6 +80,7 @@ class LeaseKeeper:
             pipe = self._jobs.redis.pipeline(transaction=False)
             for queue in self._queues:
                 pipe.zrem(consumers_key(queue), self._node)
+            pipe.delete(worker_slots_key(self._node))
             pipe.execute()
         except Exception as e:  # leaving: the heartbeat simply ages out
             log.info("could not remove the heartbeat of %s: %s", self._node, type(e).__name__)
@@ -116,6 +121,8 @@ class LeaseKeeper:
         pipe = self._jobs.redis.pipeline(transaction=False)
         for queue in self._queues:
             pipe.zadd(consumers_key(queue), {self._node: now_s})
+        if self._slots:
+            pipe.set(worker_slots_key(self._node), self._slots, ex=_SLOTS_TTL_S)
         pipe.execute()
 
     def _enforce_limits(self) -> None:
@@ -136,7 +143,7 @@ class LeaseKeeper:
         for job_id, held in timed_out:
             error = TimeLimitExceeded(f"the job ran past its model's time limit of {held.soft_limit_s:g} s").to_dict()
             outcomes.append(Outcome(job_id, held.token, JobStatus.FAILED, error=error))
-        for (job_id, _), reply in zip(timed_out, self._jobs.finish(outcomes), strict=True):
-            log.warning("job %s failed: timeout", job_id)
+        for (job_id, held), reply in zip(timed_out, self._jobs.finish(outcomes), strict=True):
+            log.warning("job %s failed: timeout", job_id, extra={"job_id": job_id, "model": held.model})
             if reply == "ok:callback" and self._on_timeout is not None:
                 self._on_timeout(job_id)

@@ -76,8 +76,9 @@ class WorkerRuntime:
         for spec in self.selected:
             ensure_generated_weights(spec, self.settings)
 
-    def start(self, node: str | None = None) -> None:
-        """Open the stores, load and warm every selected model, start the batchers and the lease keeper."""
+    def start(self, node: str | None = None, *, slots: int = 0) -> None:
+        """Open the stores, load and warm every selected model, start the batchers and the lease keeper (which
+        heartbeats the node's `slots`, the jobs it holds at once, for the load metric)."""
         self.node = node or self.node
         torch.set_num_threads(self.torch_threads())
         for spec in self.selected:
@@ -89,6 +90,7 @@ class WorkerRuntime:
             queues=self._queues if self._queues is not None else [spec.queue_name for spec in self.selected],
             lease_s=self.settings.lease_s,
             on_timeout=lambda job_id: self.send_callback(job_id),
+            slots=slots,
         )
         self.leases.start()
         log.info(

@@ -4,19 +4,27 @@ Each node is a plain `celery -A workers.app worker` process with its own name, a
 may batch, and its own torch thread count; the supervisor starts them, starts again any that dies (the jobs it held
 run again once their leases lapse), and on SIGTERM or SIGINT lets every node finish or hand back what it holds.
 This is process management, as `celery multi` or a service manager does it; the broker still hands out the work.
+
+Metrics: the nodes run prometheus-client in multiprocess mode, writing to a folder the supervisor makes fresh for
+this run and removes on exit; the supervisor serves their sum on `worker_metrics_port`. A node that dies leaves
+its counters and histograms behind (they stay in the sum) and only its gauges are dropped.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from os import EX_CONFIG
 from types import FrameType
+
+from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +32,8 @@ _POLL_S = 0.5
 _QUICK_DEATH_S = 10.0
 _MAX_RESTART_DELAY_S = 30.0
 _STOP_TIMEOUT_S = 120.0
+# prometheus-client reads this variable (in the nodes only) to choose its multiprocess mode.
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 @dataclass(frozen=True)
@@ -43,15 +53,55 @@ class _Node:
     quick_deaths: int = 0
 
 
+class NodeMetrics:
+    """The multiprocess folder of one supervisor's nodes, and the HTTP server that sums it (port 0: no server)."""
+
+    def __init__(self, *, host: str, port: int) -> None:
+        self.folder = tempfile.mkdtemp(prefix="inferq-metrics-")
+        self._host = host
+        self._port = port
+        self._server: object | None = None
+
+    def serve(self) -> None:
+        if not self._port:
+            return
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self.folder)
+        try:
+            self._server, _ = start_http_server(self._port, addr=self._host, registry=registry)
+        except OSError as e:  # metrics are worth a warning, never the workers
+            print(f"inferq worker: metrics not served on {self._host}:{self._port} ({e})", file=sys.stderr, flush=True)
+
+    def node_died(self, pid: int) -> None:
+        multiprocess.mark_process_dead(pid, self.folder)
+
+    def close(self) -> None:
+        shutdown = getattr(self._server, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 class Supervisor:
     """Runs the nodes until told to stop; `run` returns the exit status."""
 
-    def __init__(self, nodes: list[NodeSpec]) -> None:
+    def __init__(self, nodes: list[NodeSpec], *, metrics_host: str = "127.0.0.1", metrics_port: int = 0) -> None:
         self._specs = nodes
         self._nodes: list[_Node] = []
         self._stopping = False
+        self._metrics_host = metrics_host
+        self._metrics_port = metrics_port
+        self._metrics: NodeMetrics | None = None
 
     def run(self) -> int:
+        self._metrics = NodeMetrics(host=self._metrics_host, port=self._metrics_port)
+        try:
+            self._metrics.serve()
+            return self._run()
+        finally:
+            self._metrics.close()
+
+    def _run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         self._nodes = [self._start(spec) for spec in self._specs]
@@ -72,10 +122,13 @@ class Supervisor:
         self._stopping = True
 
     def _start(self, spec: NodeSpec) -> _Node:
-        process = subprocess.Popen(spec.argv, env=spec.env, stdin=subprocess.DEVNULL)
+        env = {**spec.env, MULTIPROC_DIR_ENV: self._metrics.folder} if self._metrics else spec.env
+        process = subprocess.Popen(spec.argv, env=env, stdin=subprocess.DEVNULL)
         return _Node(spec, process, time.monotonic())
 
     def _restart(self, node: _Node, status: int) -> _Node:
+        if self._metrics is not None:
+            self._metrics.node_died(node.process.pid)
         quick = time.monotonic() - node.started_s < _QUICK_DEATH_S
         deaths = node.quick_deaths + 1 if quick else 0
         delay_s = min(_MAX_RESTART_DELAY_S, 2.0**deaths - 1)
@@ -98,6 +151,8 @@ class Supervisor:
                 node.process.kill()
                 status = node.process.wait()
             worst = worst or (status if status > 0 else 0)
+            if self._metrics is not None:
+                self._metrics.node_died(node.process.pid)
         return worst
 
 

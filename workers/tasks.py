@@ -22,10 +22,12 @@ from celery import Celery
 from protocol.errors import BackendUnavailable, BlobMissing, InferenceError, InferqError, TimeLimitExceeded
 from protocol.jobs import Claim, JobStatus, Outcome
 from protocol.keys import prep_task_name_for, task_name_for
+from protocol.metrics import record_claim, record_outcome
 from protocol.registry import ModelSpec, Registry
 from workers.batcher import BatchOutput, Fenced
 from workers.handoff import pack, unpack
 from workers.inference import build_result, prepare_input
+from workers.metrics import record_gpu_memory
 from workers.runtime import WorkerRuntime, retry_backoff_s
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,7 @@ def _claimed(
         # Cancelled, expired, finished (a redelivered message), held by a live attempt, or unknown: nothing to run.
         log.info("job %s not run: %s", job_id, claim.outcome)
         return {"job_id": job_id, "status": claim.outcome}
+    record_claim(model, token=claim.token, queued_s=claim.queued_s)
     spec = runtime.registry.get_model(model)
     keeper = runtime.leases
     if keeper is not None:
@@ -86,13 +89,14 @@ def _claimed(
 
 
 def _prep(runtime: WorkerRuntime, spec: ModelSpec, job_id: str, claim: Claim, blob: bytes | None) -> dict[str, Any]:
+    started_s = time.monotonic()
     try:
         if blob is None:
             raise BlobMissing("the upload of this job is no longer stored")
         rows, info = prepare_input(spec, blob, max_image_pixels=runtime.settings.max_image_pixels)
     except Exception as e:
         status, payload, _ = _failure(job_id, e)
-        return _record(runtime, job_id, claim, status, payload, 0)
+        return _record(runtime, spec, job_id, claim, status, payload, 0, started_s=started_s)
     tensor_ref = uuid.uuid4().hex
     jobs = runtime.stores.jobs
     try:
@@ -123,11 +127,19 @@ def _attempt(
         return {"job_id": job_id, "status": "fenced"}
     except _TRANSIENT as e:
         return _release(runtime, job_id, claim, e)
-    return _record(runtime, job_id, claim, status, payload, batch_jobs)
+    return _record(runtime, spec, job_id, claim, status, payload, batch_jobs, started_s=started_s)
 
 
 def _record(
-    runtime: WorkerRuntime, job_id: str, claim: Claim, status: JobStatus, payload: dict[str, Any], batch_jobs: int
+    runtime: WorkerRuntime,
+    spec: ModelSpec,
+    job_id: str,
+    claim: Claim,
+    status: JobStatus,
+    payload: dict[str, Any],
+    batch_jobs: int,
+    *,
+    started_s: float,
 ) -> dict[str, Any]:
     """Write the attempt's outcome, if the attempt still owns its job."""
     outcome = Outcome(
@@ -146,6 +158,9 @@ def _record(
     if reply == "ok:callback":
         runtime.send_callback(job_id)
     if reply.startswith("ok"):
+        code = str((payload or {}).get("code", "")) if status == JobStatus.FAILED else ""
+        record_outcome(spec.name, status.value, code, queued_s=claim.queued_s, compute_s=time.monotonic() - started_s)
+        record_gpu_memory(runtime.device())
         log.info("job %s recorded %s (attempt %d, batch of %d)", job_id, status.value, claim.token, batch_jobs)
     else:
         log.warning("job %s: outcome of attempt %d not recorded: %s", job_id, claim.token, reply)

@@ -81,6 +81,8 @@ def stack(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory)
         "INFERQ_MODELS_DIR": str(Settings().models_dir),
         "INFERQ_API_PORT": str(api_port),
         "INFERQ_TORCH_THREADS": "1",
+        # The worker metrics server is tested on its own worker (test_observability); no port fights here.
+        "INFERQ_WORKER_METRICS_PORT": "0",
         # fraud-idle has no worker on purpose: it is not served, so the API can be ready without it.
         "INFERQ_SERVED_MODELS": "chest-xray,fraud,fraud-celery",
         "INFERQ_CALLBACK_SECRET": CALLBACK_SECRET,

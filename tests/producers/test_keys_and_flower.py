@@ -60,6 +60,7 @@ def test_flower_asks_for_credentials_and_has_no_control_api(redis_url: str, tmp_
     port = free_port()
     env = {**os.environ, "INFERQ_REDIS_URL": redis_url, "INFERQ_FLOWER_PORT": str(port)}
     env["INFERQ_FLOWER_BASIC_AUTH"] = "officer:correct-horse"
+    env["INFERQ_DATA_DIR"] = str(tmp_path / "data")
     base = f"http://127.0.0.1:{port}"
     with ServiceStack(env, tmp_path) as services:
         process = services.start("flower", "flower")
@@ -75,3 +76,5 @@ def test_flower_asks_for_credentials_and_has_no_control_api(redis_url: str, tmp_
             assert response.status_code == 404, prefix
         cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes()
         assert b"correct-horse" not in cmdline
+        # Persistent mode: Flower opened its state file under the data dir at start (and saves it on exit).
+        assert list((tmp_path / "data").glob("flower.db*"))
