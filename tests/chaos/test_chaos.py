@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -56,7 +59,24 @@ def test_an_input_that_kills_its_worker_is_dead_lettered_and_others_flow(chaos: 
     tally = _run(chaos, "poison_input")
     assert tally.failed == {"poison": 1}
     assert tally.succeeded == tally.submitted - 1
-    assert chaos.stores.jobs.dead_letters()  # kept for an operator
+    # The operator lists the dead letters (no patient data shown) and requeues one; it then runs normally
+    [poison] = chaos.stores.jobs.dead_letters()
+    listed = [json.loads(line) for line in _inferq(chaos, "dead-letter", "list").stdout.splitlines()]
+    assert [row["job_id"] for row in listed] == [poison] and listed[0]["error_code"] == "poison"
+    assert "SYNTHETIC" not in json.dumps(listed) and "DEMO-0001" not in json.dumps(listed)
+    requeued = _inferq(chaos, "dead-letter", "requeue", poison)
+    assert json.loads(requeued.stdout) == {"job_id": poison, "requeue": "ok"}
+    name = chaos.start_worker()
+    [job] = chaos.wait_final([poison], timeout_s=120)
+    chaos.stop_worker(name)
+    assert job is not None and job["status"] == "succeeded" and chaos.stores.jobs.dead_letters() == []
+
+
+def _inferq(chaos: ChaosStack, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "producers.cli", *args]
+    done = subprocess.run(argv, env=chaos.env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
 
 
 def test_callbacks_arrive_signed_after_the_receiver_recovers(chaos: ChaosStack) -> None:
