@@ -26,6 +26,7 @@ from celery import Celery
 
 from config import Settings
 from protocol.connections import Stores
+from protocol.fairness import publish_options
 from protocol.jobs import JobStore
 from protocol.keys import (
     CALLBACK_QUEUE,
@@ -41,6 +42,7 @@ from protocol.keys import (
     retries_key,
     task_name_for,
 )
+from protocol.priority import stored_priority
 from protocol.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -149,7 +151,7 @@ class Reconciler:
         text = self._stores.text
         pipe = text.pipeline(transaction=False)
         for spec in self._registry.values():
-            for name in queue_lists(spec.queue_name):
+            for name in queue_lists(spec.queue_name, buckets=self._settings.tenant_buckets):
                 pipe.lrange(name, 0, -1)
         pipe.hgetall(KOMBU_UNACKED_HASH)
         # A worker starts a job the moment it receives it; a message delivered longer ago whose job is still queued
@@ -162,12 +164,20 @@ class Reconciler:
 
     def publish(self, job_id: str) -> bool:
         """Send a job's task again; False if the job is no longer queued or its model is unknown."""
-        model, blob_ref, status = self._stores.text.hmget(job_key(job_id), ["model", "blob_ref", "status"])
+        fields = ["model", "blob_ref", "status", "tenant", "priority", "expires_at"]
+        model, blob_ref, status, tenant, priority, expires_at = self._stores.text.hmget(job_key(job_id), fields)
         if status != "queued" or not isinstance(model, str) or model not in self._registry:
             return False
         # Marked first: should the send fail, the lost-message check publishes it later.
         self._jobs.mark_published([job_id])
-        self._celery.send_task(task_name_for(model), args=[job_id, blob_ref], task_id=job_id)
+        routing = publish_options(
+            self._settings,
+            self._registry[model].queue_name,
+            tenant=str(tenant or ""),
+            priority=stored_priority(str(priority or "")),
+            remaining_s=float(expires_at or "inf") - self._jobs.server_time_s(),
+        )
+        self._celery.send_task(task_name_for(model), args=[job_id, blob_ref], task_id=job_id, **routing)
         return True
 
 

@@ -22,14 +22,15 @@ from config import Settings
 from protocol.celery_config import broker_kind
 from protocol.connections import Stores
 from protocol.errors import BackendUnavailable, ClientError, InferqError, InvalidRequest, QueueFull
+from protocol.fairness import publish_options
 from protocol.intake import FileUpload, TensorUpload, ValidatedInput, validate_input
 from protocol.jobs import JobStatus, NewJob, new_job_id
 from protocol.keys import idempotency_token, queue_lists, task_name_for
+from protocol.priority import DEFAULT_PRIORITY, Priority, parse_priority
 from protocol.registry import ModelSpec, Registry
 
 log = logging.getLogger(__name__)
 
-MAX_PRIORITY = 9
 _MAX_IDEMPOTENCY_KEY_CHARS = 200
 _MAX_CALLBACK_URL_CHARS = 2048
 _MAX_DEADLINE_S = 7 * 24 * 3600.0
@@ -40,7 +41,8 @@ class SubmitOptions:
     """Stored with the job now; later issues give them their full behaviour."""
 
     callback_url: str | None = None
-    priority: int = 0
+    # Taken first from the broker and in the batcher (protocol.priority); numbers 0..9 are read as an alias.
+    priority: Priority = DEFAULT_PRIORITY
     idempotency_key: str | None = None
     # The submitting key's tenant: stored on the job, and part of the idempotency key's hash.
     tenant: str = ""
@@ -48,8 +50,7 @@ class SubmitOptions:
     deadline_s: float | None = None
 
     def __post_init__(self) -> None:
-        if not 0 <= self.priority <= MAX_PRIORITY:
-            raise InvalidRequest(f"priority must be 0..{MAX_PRIORITY}, got {self.priority}")
+        object.__setattr__(self, "priority", parse_priority(self.priority))
         if self.callback_url is not None and (
             not self.callback_url.startswith(("http://", "https://"))
             or len(self.callback_url) > _MAX_CALLBACK_URL_CHARS
@@ -141,7 +142,7 @@ class JobSubmitter:
             "model": spec.name,
             "model_version": spec.version,
             "blob_ref": uuid.uuid4().hex,
-            "priority": str(options.priority),
+            "priority": options.priority.value,
             "callback_url": options.callback_url or "",
             "input_kind": validated.input_kind,
             "media_type": validated.media_type,
@@ -192,8 +193,20 @@ class JobSubmitter:
             # record holds the result, so Celery's result backend is skipped: otherwise the producer subscribes to
             # each task's result and, with the backend down, retries that for ~20 s before failing.
             args = [job.job_id, job.fields["blob_ref"]]
+            routing = publish_options(
+                self._settings,
+                spec.queue_name,
+                tenant=job.fields["tenant"],
+                priority=Priority(job.fields["priority"]),
+                remaining_s=job.queue_s or self._settings.queued_ttl_s,
+            )
             self._celery.send_task(
-                task_name_for(spec.name), args=args, task_id=job.job_id, producer=producer, ignore_result=True
+                task_name_for(spec.name),
+                args=args,
+                task_id=job.job_id,
+                producer=producer,
+                ignore_result=True,
+                **routing,
             )
         except Exception as e:
             log.warning("enqueue failed for job %s: %s", job.job_id, type(e).__name__)
@@ -219,7 +232,8 @@ class JobSubmitter:
         names = list(models) if models is not None else list(self._registry)
         if broker_kind(self._settings.broker_url_or_default) == "amqp":
             return self._amqp_queue_depths(names)
-        lists = {model: queue_lists(self._registry[model].queue_name) for model in names}
+        buckets = self._settings.tenant_buckets
+        lists = {model: queue_lists(self._registry[model].queue_name, buckets=buckets) for model in names}
         pipe = self._stores.text.pipeline()
         for keys in lists.values():
             for key in keys:

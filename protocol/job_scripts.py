@@ -91,7 +91,8 @@ return ID
 """
 
 # ARGV: id, node, pid, lease s, expired error, keep ttl, callback grace.
-# Returns {outcome, token, lost}: outcome 'claimed', 'leased' (a live attempt holds it), a final status, 'missing'.
+# Returns {outcome, token, lost}: outcome 'claimed', 'leased' (a live attempt holds it), a final status, 'missing';
+# a claim adds the job's priority and queue deadline, which order it in the worker's batcher.
 CLAIM = f"""{_PRELUDE}
 local status = redis.call('HGET', J, 'status')
 if not status then return {{'missing', 0, 0}} end
@@ -120,7 +121,7 @@ redis.call('ZADD', LEASES, lease_until, ID)
 redis.call('ZREM', QUEUED, ID)
 redis.call('ZREM', PUBLISHED, ID)
 redis.call('ZREM', RETRIES, ID)
-return {{'claimed', token, num('lost')}}
+return {{'claimed', token, num('lost'), redis.call('HGET', J, 'priority') or '', redis.call('HGET', J, 'expires_at')}}
 """
 
 _FENCE = """
@@ -129,8 +130,13 @@ if not status then return 'missing' end
 if status ~= 'running' or redis.call('HGET', J, 'attempts') ~= ARGV[2] then return 'fenced' end
 """
 
-# ARGV: id, token. Marks the attempt as computing: from here on it can no longer be cancelled.
+# ARGV: id, token, expired error, keep ttl, callback grace. Marks the attempt as computing: from here on it can no
+# longer be cancelled. A job whose queue deadline passed while it waited in the worker's batcher expires instead.
 BEGIN = f"""{_PRELUDE}{_FENCE}
+if now > num('expires_at') then
+  finalize('expired', '', ARGV[3], ARGV[4], false, ARGV[5])
+  return 'expired'
+end
 redis.call('HSET', J, 'computing_at', now)
 return 'ok'
 """

@@ -82,6 +82,9 @@ class Claim:
     outcome: str
     token: int = 0
     lost: int = 0
+    # Of a claimed job: its priority class and queue deadline (epoch seconds), for the batcher's order.
+    priority: str = ""
+    expires_at_s: float = float("inf")
 
     @property
     def claimed(self) -> bool:
@@ -239,15 +242,19 @@ class JobStore:
 
     @staticmethod
     def claim_result(reply: Any) -> Claim:
-        outcome, token, lost = reply
-        outcome = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
-        return Claim(outcome=outcome, token=int(token), lost=int(lost))
+        outcome, token, lost, *order = [item.decode() if isinstance(item, bytes) else item for item in reply]
+        if not order:
+            return Claim(outcome=str(outcome), token=int(token), lost=int(lost))
+        priority, expires_at = order
+        return Claim(str(outcome), int(token), int(lost), str(priority), float(expires_at or "inf"))
 
     def begin(self, leases: list[tuple[str, int]]) -> list[bool]:
-        """Mark attempts as computing (no cancelling from here); False for an attempt that was fenced off."""
+        """Mark attempts as computing (no cancelling from here); False for an attempt that was fenced off, or whose
+        job passed its queue deadline while it waited for a batch (it ends `expired`, without compute)."""
         pipe = self._redis.pipeline(transaction=False)
+        expired = json.dumps(EXPIRED_ERROR)
         for job_id, token in leases:
-            self._run("BEGIN", job_id, token, client=pipe)
+            self._run("BEGIN", job_id, token, expired, self.keep_ttl_s, CALLBACK_GRACE_S, client=pipe)
         return [reply == "ok" for reply in pipe.execute()]
 
     def renew(self, leases: list[tuple[str, int]], *, lease_s: float) -> list[bool]:

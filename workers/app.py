@@ -21,7 +21,7 @@ from config import Settings
 from protocol.callbacks import register_callback_task
 from protocol.celery_config import build_celery
 from protocol.errors import InferqError
-from protocol.keys import CALLBACK_QUEUE, CALLBACK_TASK
+from protocol.keys import CALLBACK_QUEUE, CALLBACK_TASK, tenant_queues
 from protocol.registry import load_registry
 from workers.runtime import WorkerRuntime, require_cuda
 from workers.tasks import register_tasks
@@ -44,8 +44,19 @@ def _send_callback(job_id: str) -> None:
         log.warning("job %s: callback not queued now (%s)", job_id, type(e).__name__)
 
 
+def _add_tenant_queues(queues: Any) -> None:
+    """`-Q chest-xray` means the model: consume its tenant sub-queues too (protocol.fairness), as Celery's
+    documentation adds queues in this signal."""
+    for spec in registry.values():
+        if spec.queue_name in queues.consume_from:
+            for name in tenant_queues(spec.queue_name, settings.tenant_buckets):
+                if name not in queues.consume_from:
+                    queues.select_add(queues[name])
+
+
 @celeryd_after_setup.connect
 def _prepare(sender: str, instance: Any, **_: Any) -> None:
+    _add_tenant_queues(instance.app.amqp.queues)
     queues = set(instance.app.amqp.queues.consume_from)
     runtime.select([spec for spec in registry.values() if spec.queue_name in queues])
     try:

@@ -18,9 +18,16 @@ import numpy as np
 import redis
 from celery import Celery
 
-from protocol.errors import BackendUnavailable, BlobMissing, InferenceError, InferqError, TimeLimitExceeded
+from protocol.errors import (
+    BackendUnavailable,
+    BlobMissing,
+    InferenceError,
+    InferqError,
+    TimeLimitExceeded,
+)
 from protocol.jobs import Claim, JobStatus, Outcome
 from protocol.keys import task_name_for
+from protocol.priority import stored_priority
 from protocol.registry import ModelSpec, Registry
 from workers.batcher import BatchOutput, Fenced
 from workers.inference import build_result
@@ -105,7 +112,14 @@ def _compute(
         batcher.unexpect()
         return _failure(job_id, e)
     # A job that already ended its worker once runs alone, so that it cannot take a batch of others down with it.
-    future = batcher.submit(job_id, claim.token, _with_batch_axis(spec, rows), isolate=claim.lost > 0)
+    future = batcher.submit(
+        job_id,
+        claim.token,
+        _with_batch_axis(spec, rows),
+        isolate=claim.lost > 0,
+        priority=stored_priority(claim.priority).rank,
+        deadline_s=claim.expires_at_s,
+    )
     try:
         output: BatchOutput = future.result()
     except (Fenced, *_TRANSIENT):

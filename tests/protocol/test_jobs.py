@@ -59,7 +59,8 @@ def test_claim_then_succeed_records_the_result_drops_the_blob_and_announces_it(s
     listener = redis.Redis.from_url(redis_url).pubsub()
     listener.subscribe("inferq:done")
     claim = _claim(stores.jobs, job_id)
-    assert claim == Claim("claimed", 1, 0)
+    expires_at_s = float(stores.jobs.fields(job_id)["expires_at"])
+    assert claim == Claim("claimed", 1, 0, stores.jobs.fields(job_id).get("priority", ""), expires_at_s)
     assert stores.jobs.view(job_id)["status"] == "running"
     assert stores.text.zscore(leases_key(), job_id) is not None
     assert _succeed(stores.jobs, job_id, claim.token) == "ok"
