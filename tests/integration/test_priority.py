@@ -4,7 +4,6 @@ slot, so that the order in which it claims them (their `started_at`) is the orde
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ import pytest
 
 from config import Settings
 from producers.stack import ServiceStack
-from producers.submit import JobSubmitter, SubmitItem, SubmitOptions
+from producers.submit import JobSubmitter, SubmitOptions
 from protocol.celery_config import build_celery
 from protocol.codec import TensorPayload
 from protocol.connections import Stores, open_stores

@@ -24,7 +24,7 @@ def test_names_and_the_old_numbers_map_to_three_classes(given: object, expected:
 
 @pytest.mark.parametrize("bad", ["high", "10", "-1", "1.5", 99, True])
 def test_anything_else_is_refused_quoting_the_value(bad: object) -> None:
-    with pytest.raises(InvalidRequest, match="stat, urgent, routine or 0..9"):
+    with pytest.raises(InvalidRequest, match=r"stat, urgent, routine or 0\.\.9"):
         parse_priority(bad)
 
 
