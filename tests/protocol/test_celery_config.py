@@ -8,9 +8,17 @@ from pathlib import Path
 import pytest
 
 from config import DEFAULT_REGISTRY_PATH, Settings
-from protocol.celery_config import broker_kind, build_celery, celery_config, default_slots
+from protocol.celery_config import (
+    broker_kind,
+    build_celery,
+    celery_config,
+    default_slots,
+    entry_queue,
+    entry_task,
+    stage_queue_names,
+)
 from protocol.errors import ConfigError
-from protocol.registry import load_registry
+from protocol.registry import Registry, load_registry
 
 REGISTRY = load_registry(DEFAULT_REGISTRY_PATH)
 
@@ -118,3 +126,14 @@ def test_a_rediss_url_makes_celery_and_redis_py_verify_the_certificate(tmp_path:
     assert app.conf.broker_use_ssl["ssl_cert_reqs"] == ssl.CERT_REQUIRED
     kwargs = redis_client(url, decode=True, ca_file=ca).connection_pool.connection_kwargs
     assert kwargs["ssl_cert_reqs"] == ssl.CERT_REQUIRED and kwargs["ssl_ca_certs"] == str(ca)
+
+
+def test_a_decoding_stage_has_tenant_sub_queues_like_its_model() -> None:
+    chest = REGISTRY.get_model("chest-xray")
+    split = chest.model_copy(update={"name": "xray-split", "preprocess": "separate"})
+    registry = Registry({"xray-split": split})
+    queues = [q.name for q in celery_config(Settings(tenant_buckets=2), registry)["task_queues"]]
+    assert queues == ["xray-split", "xray-split.t1", "xray-split.prep", "xray-split.prep.t1", "inferq-callbacks"]
+    assert (entry_task(split), entry_queue(split)) == ("inferq.prep.xray-split", "xray-split.prep")
+    assert stage_queue_names(split) == ["xray-split", "xray-split.prep"]
+    assert (entry_task(chest), entry_queue(chest)) == ("inferq.infer.chest-xray", "chest-xray")
