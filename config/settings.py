@@ -122,6 +122,21 @@ class Settings(BaseSettings):
     retry_backoff_s: float = Field(default=1.0, gt=0, description="First retry delay; doubles per attempt, jittered.")
     retry_backoff_max_s: float = Field(default=60.0, gt=0, description="Longest retry delay.")
 
+    # --- scheduling between tenants
+    tenant_buckets: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Sub-queues per model queue (`<model>`, `<model>.t1`, ...); a tenant's jobs go to its own by "
+        "hash, and workers take from the non-empty ones in turn, so one tenant's flood cannot starve another. "
+        "Tenants whose hashes meet share a bucket; 1 turns fairness off. Producers and workers must agree.",
+    )
+    tenant_weights: dict[str, int] = Field(
+        default_factory=dict,
+        description='Share of the workers per tenant, as buckets of its own (JSON, e.g. {"north": 2}); a tenant '
+        "not named has weight 1. A weight counts up to tenant_buckets.",
+    )
+
     # --- callbacks
     callback_secret: SecretStr | None = Field(
         default=None, description="Standard Webhooks signing secret (`whsec_...`); unset: callbacks are refused."

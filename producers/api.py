@@ -53,6 +53,7 @@ from protocol.errors import (
 )
 from protocol.intake import FileUpload, TensorUpload
 from protocol.logs import bind_context
+from protocol.priority import PRIORITY_HELP, parse_priority
 from protocol.registry import Registry, load_registry
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class TensorJobRequest(BaseModel):
 
     inputs: list[TensorPayload] = Field(min_length=1)
     callback_url: str | None = None
-    priority: int = 0
+    priority: str | int = Field(default="routine", description=PRIORITY_HELP)
     idempotency_key: str | None = None
     deadline_s: float | None = Field(default=None, gt=0, description="Not started by then: `expired`, no compute.")
     parameters: dict[str, Any] | None = None
@@ -125,7 +126,11 @@ _SUBMIT_BODY = {
                     "properties": {
                         "file": {"type": "string", "format": "binary", "description": "DICOM, PNG or JPEG"},
                         "callback_url": {"type": "string"},
-                        "priority": {"type": "integer", "minimum": 0, "maximum": 9},
+                        "priority": {
+                            "type": "string",
+                            "enum": ["stat", "urgent", "routine"],
+                            "description": PRIORITY_HELP,
+                        },
                         "deadline_s": {"type": "number", "exclusiveMinimum": 0},
                         "idempotency_key": {"type": "string"},
                     },
@@ -259,11 +264,6 @@ async def _read_tensor_json(request: Request, settings: Settings) -> tuple[Tenso
 
 
 def _options(fields: dict[str, Any], header_key: str | None, tenant: str) -> SubmitOptions:
-    priority = fields.get("priority")
-    try:
-        priority_value = int(priority) if priority not in (None, "") else 0
-    except (TypeError, ValueError) as e:
-        raise InvalidRequest(f"priority must be an integer 0..9, got {priority!r}") from e
     deadline = fields.get("deadline_s")
     try:
         deadline_s = float(deadline) if deadline not in (None, "") else None
@@ -272,7 +272,7 @@ def _options(fields: dict[str, Any], header_key: str | None, tenant: str) -> Sub
     key = fields.get("idempotency_key") or header_key
     return SubmitOptions(
         callback_url=fields.get("callback_url") or None,
-        priority=priority_value,
+        priority=parse_priority(fields.get("priority")),
         idempotency_key=key,
         tenant=tenant,
         deadline_s=deadline_s,
@@ -487,7 +487,11 @@ def _register_metrics_route(app: FastAPI, state: ApiState) -> None:
     # error codes and counts, never a job id, a tenant or anything from an upload. Keep it off the public network.
     redis_broker = broker_kind(state.settings.broker_url_or_default) == "redis"
     collector = ClusterCollector(
-        state.stores.text, state.registry, state.submitter.queue_depths, redis_broker=redis_broker
+        state.stores.text,
+        state.registry,
+        state.submitter.queue_depths,
+        redis_broker=redis_broker,
+        tenant_buckets=state.settings.tenant_buckets,
     )
     registry = api_metrics_registry(collector)
 

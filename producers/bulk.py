@@ -20,6 +20,7 @@ from producers.submit import Outcome, SubmitItem, SubmitOptions
 from protocol.codec import TensorPayload
 from protocol.errors import ClientError, InferqError, InvalidRequest, PayloadTooLarge
 from protocol.intake import FileUpload, TensorUpload
+from protocol.priority import parse_priority
 
 # Each item of a bulk request, or its error, in request order.
 ItemOrError = SubmitItem | ClientError
@@ -32,7 +33,7 @@ class BulkTensorJob(BaseModel):
 
     inputs: list[TensorPayload] = Field(min_length=1)
     callback_url: str | None = None
-    priority: int = 0
+    priority: str | int = "routine"
     idempotency_key: str | None = None
     deadline_s: float | None = Field(default=None, gt=0)
     parameters: dict[str, Any] | None = None
@@ -83,7 +84,7 @@ def _tensor_item(raw: dict[str, Any], index: int, header_key: str | None) -> Ite
         job = BulkTensorJob.model_validate(raw)
         options = SubmitOptions(
             callback_url=job.callback_url,
-            priority=job.priority,
+            priority=parse_priority(job.priority),
             idempotency_key=_item_key(header_key, index, job.idempotency_key),
             deadline_s=job.deadline_s,
         )
@@ -157,22 +158,13 @@ async def _file_item(
             raise PayloadTooLarge(f"file {index} exceeds {settings.max_upload_bytes} bytes")
         options = SubmitOptions(
             callback_url=str(shared["callback_url"]) if shared.get("callback_url") else None,
-            priority=_priority(shared.get("priority")),
+            priority=parse_priority(shared.get("priority")),
             idempotency_key=_item_key(header_key, index, own_key),
             deadline_s=_deadline(shared.get("deadline_s")),
         )
     except ClientError as e:
         return e
     return SubmitItem(FileUpload(data=data, filename=upload.filename or ""), options)
-
-
-def _priority(value: Any) -> int:
-    if value in (None, ""):
-        return 0
-    try:
-        return int(value)
-    except (TypeError, ValueError) as e:
-        raise InvalidRequest(f"priority must be an integer 0..9, got {value!r}") from e
 
 
 def outcomes_of(items: Sequence[ItemOrError], submitted: Sequence[Outcome]) -> list[Outcome]:

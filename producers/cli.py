@@ -18,6 +18,7 @@ from tqdm import tqdm
 from config import Settings
 from producers.client import FINAL_STATUSES, InferqClient
 from protocol.errors import InferqError, RemoteError
+from protocol.priority import PRIORITY_HELP
 
 _WORKER_EXTRA_HINT = "the worker commands need torch: pip install 'inferq[worker]'"
 
@@ -105,7 +106,7 @@ def _submit_files(client: InferqClient, model: str, files: list[Path], options: 
 @click.option("--model", required=True, help="Registry name, e.g. chest-xray.")
 @click.option("--wait/--no-wait", default=False, help="Wait for every job and print its outcome.")
 @click.option("--timeout-s", default=600.0, show_default=True, help="How long --wait waits for all jobs.")
-@click.option("--priority", type=int, default=None)
+@click.option("--priority", default=None, help=PRIORITY_HELP)
 @click.option("--callback-url", default=None)
 @click.option("--api-url", default=None, help="Default: INFERQ_API_URL or http://127.0.0.1:8000.")
 def submit(
@@ -113,7 +114,7 @@ def submit(
     model: str,
     wait: bool,
     timeout_s: float,
-    priority: int | None,
+    priority: str | None,
     callback_url: str | None,
     api_url: str | None,
 ) -> None:

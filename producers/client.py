@@ -92,7 +92,7 @@ class InferqClient:
         inputs: list[dict[str, Any]] | None = None,
         filename: str | None = None,
         callback_url: str | None = None,
-        priority: int | None = None,
+        priority: str | int | None = None,
         idempotency_key: str | None = None,
         deadline_s: float | None = None,
     ) -> str:
@@ -127,7 +127,7 @@ class InferqClient:
         inputs: list[dict[str, Any]] | None,
         filename: str | None,
         callback_url: str | None = None,
-        priority: int | None = None,
+        priority: str | int | None = None,
         idempotency_key: str | None = None,
         prefer_s: int | None = None,
         deadline_s: float | None = None,
@@ -156,7 +156,7 @@ class InferqClient:
         *,
         inputs: Sequence[list[dict[str, Any]]] | None = None,
         callback_url: str | None = None,
-        priority: int | None = None,
+        priority: str | int | None = None,
         idempotency_keys: Sequence[str] | None = None,
         jobs_per_request: int = 100,
     ) -> list[dict[str, Any]]:

@@ -21,12 +21,12 @@ from prometheus_client.registry import Collector
 
 from config import Settings
 from producers.readiness import HEARTBEAT_STALE_S
-from protocol.celery_config import broker_kind, build_celery
+from protocol.celery_config import broker_kind, build_celery, stage_queue_names
 from protocol.connections import open_stores
 from protocol.errors import InferqError
 from protocol.keys import consumers_key, dead_letter_key, job_key, leases_key, queue_lists, worker_slots_key
 from protocol.metrics import REDIS_COUNTERS, read_counts, recent_failures
-from protocol.registry import Registry, load_registry
+from protocol.registry import ModelSpec, Registry, load_registry
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +53,17 @@ class QueueView:
 
 
 def snapshot(
-    client: redis.Redis, registry: Registry, queue_depths: QueueDepths, *, redis_broker: bool
+    client: redis.Redis, registry: Registry, queue_depths: QueueDepths, *, redis_broker: bool, tenant_buckets: int = 1
 ) -> list[QueueView]:
-    """Every registry model's queue; `client` decodes to str."""
+    """Every registry model's queue; `client` decodes to str. `tenant_buckets`: the sub-queues each job queue has
+    (protocol.fairness), as the settings say."""
     now_s = _server_time_s(client)
     depths = queue_depths()
     running = _running_per_model(client)
     views = []
     for name, spec in registry.items():
         workers, slots = _capacity(client, spec.queue_name, now_s)
-        oldest = _oldest_waiting_s(client, spec.queue_name, now_s) if redis_broker else None
+        oldest = _oldest_waiting_s(client, spec, now_s, tenant_buckets) if redis_broker else None
         views.append(QueueView(name, spec.queue_name, depths.get(name, 0), oldest, running[name], workers, slots))
     return views
 
@@ -90,11 +91,13 @@ def _capacity(client: redis.Redis, queue: str, now_s: float) -> tuple[int, int]:
     return len(nodes), sum(int(s) for s in slots if s)
 
 
-def _oldest_waiting_s(client: redis.Redis, queue: str, now_s: float) -> float | None:
-    """kombu pushes on the left and workers pop on the right: the oldest message of each priority list is last."""
+def _oldest_waiting_s(client: redis.Redis, spec: ModelSpec, now_s: float, buckets: int) -> float | None:
+    """kombu pushes on the left and workers pop on the right: the oldest message of each list (priority step, tenant
+    sub-queue, stage) is last."""
     pipe = client.pipeline(transaction=False)
-    for name in queue_lists(queue):
-        pipe.lindex(name, -1)
+    for queue in stage_queue_names(spec):
+        for name in queue_lists(queue, buckets=buckets):
+            pipe.lindex(name, -1)
     job_ids = [_message_id(raw) for raw in pipe.execute() if raw]
     if not job_ids:
         return None
@@ -115,11 +118,20 @@ def _message_id(raw: str) -> str:
 class ClusterCollector(Collector):
     """Reads the cluster from Redis on every scrape; Redis away gives `inferq_redis_up 0` and nothing else."""
 
-    def __init__(self, client: redis.Redis, registry: Registry, queue_depths: QueueDepths, *, redis_broker: bool):
+    def __init__(
+        self,
+        client: redis.Redis,
+        registry: Registry,
+        queue_depths: QueueDepths,
+        *,
+        redis_broker: bool,
+        tenant_buckets: int = 1,
+    ):
         self._client = client
         self._registry = registry
         self._queue_depths = queue_depths
         self._redis_broker = redis_broker
+        self._tenant_buckets = tenant_buckets
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("inferq_redis_up", "1 when the job store answered this scrape.")
@@ -137,7 +149,13 @@ class ClusterCollector(Collector):
         yield GaugeMetricFamily("inferq_dead_letter_jobs", "Jobs in the dead-letter list.", value=dead)
 
     def _queue_families(self) -> list[Metric]:
-        views = snapshot(self._client, self._registry, self._queue_depths, redis_broker=self._redis_broker)
+        views = snapshot(
+            self._client,
+            self._registry,
+            self._queue_depths,
+            redis_broker=self._redis_broker,
+            tenant_buckets=self._tenant_buckets,
+        )
         by_model = [
             ("inferq_queue_depth", "Messages waiting in the model's queue.", lambda v: v.depth),
             ("inferq_jobs_running", "Jobs of the model a worker holds now.", lambda v: v.running),
@@ -222,7 +240,13 @@ def status_rows(settings: Settings, *, minutes: int) -> list[StatusRow]:
     try:
         submitter = JobSubmitter(settings=settings, registry=registry, stores=stores, celery_app=celery_app)
         redis_broker = broker_kind(settings.broker_url_or_default) == "redis"
-        views = snapshot(stores.text, registry, submitter.queue_depths, redis_broker=redis_broker)
+        views = snapshot(
+            stores.text,
+            registry,
+            submitter.queue_depths,
+            redis_broker=redis_broker,
+            tenant_buckets=settings.tenant_buckets,
+        )
         failed = recent_failures_per_model(stores.text, minutes=minutes)
         return [StatusRow(view, failed.get(view.model, 0)) for view in views]
     finally:

@@ -1,5 +1,7 @@
 """Which models have a live worker: every worker process heartbeats each queue it consumes into Redis (see
-`workers.leases`), so readiness is a read of those heartbeats, not a broadcast to the workers."""
+`workers.leases`), so readiness is a read of those heartbeats, not a broadcast to the workers. A model's tenant
+sub-queues (protocol.fairness) are consumed together with their base queue (`workers.app`), so the base queue's
+heartbeats count for them all."""
 
 from __future__ import annotations
 

@@ -25,8 +25,9 @@ import redis
 from celery import Celery
 
 from config import Settings
-from protocol.celery_config import entry_task, model_queue_names
+from protocol.celery_config import entry_queue, entry_task, model_queue_names
 from protocol.connections import Stores
+from protocol.fairness import publish_options
 from protocol.jobs import JobStore
 from protocol.keys import (
     CALLBACK_QUEUE,
@@ -42,6 +43,7 @@ from protocol.keys import (
     retries_key,
     task_name_for,
 )
+from protocol.priority import stored_priority
 from protocol.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -151,8 +153,9 @@ class Reconciler:
         """Task ids of every message waiting in a model queue, or delivered to a worker within the check period."""
         text = self._stores.text
         pipe = text.pipeline(transaction=False)
+        buckets = self._settings.tenant_buckets
         for queue in model_queue_names(self._registry):
-            for name in queue_lists(queue):
+            for name in queue_lists(queue, buckets=buckets):
                 pipe.lrange(name, 0, -1)
         pipe.hgetall(KOMBU_UNACKED_HASH)
         # A worker starts a job the moment it receives it; a message delivered longer ago whose job is still queued
@@ -164,19 +167,31 @@ class Reconciler:
         return ids
 
     def publish(self, job_id: str) -> bool:
-        """Send a job's task again, to the stage it is at; False if it is no longer queued or its model is unknown."""
-        fields = ["model", "blob_ref", "status", "tensor_ref"]
-        model, blob_ref, status, tensor_ref = self._stores.text.hmget(job_key(job_id), fields)
+        """Send a job's task again, to the stage it is at (and its tenant's sub-queue, at its priority); False if it
+        is no longer queued or its model is unknown."""
+        fields = ["model", "blob_ref", "status", "tensor_ref", "tenant", "priority", "expires_at"]
+        model, blob_ref, status, tensor_ref, tenant, priority, expires_at = self._stores.text.hmget(
+            job_key(job_id), fields
+        )
         if status != "queued" or not isinstance(model, str) or model not in self._registry:
             return False
         # Marked first: should the send fail, the lost-message check publishes it later.
         self._jobs.mark_published([job_id])
+        spec = self._registry[model]
+        queue = spec.queue_name if tensor_ref else entry_queue(spec)
+        routing = publish_options(
+            self._settings,
+            queue,
+            tenant=str(tenant or ""),
+            priority=stored_priority(str(priority or "")),
+            remaining_s=float(expires_at or "inf") - self._jobs.server_time_s(),
+        )
         if tensor_ref:  # decoded already: only the model's stage is left
             self._celery.send_task(
-                task_name_for(model), args=[job_id, tensor_ref], kwargs={"prepared": True}, task_id=job_id
+                task_name_for(model), args=[job_id, tensor_ref], kwargs={"prepared": True}, task_id=job_id, **routing
             )
         else:
-            self._celery.send_task(entry_task(self._registry[model]), args=[job_id, blob_ref], task_id=job_id)
+            self._celery.send_task(entry_task(spec), args=[job_id, blob_ref], task_id=job_id, **routing)
         return True
 
 

@@ -19,17 +19,18 @@ from kombu import Connection
 from kombu.exceptions import OperationalError
 
 from config import Settings
-from protocol.celery_config import broker_kind, entry_task
+from protocol.celery_config import broker_kind, entry_queue, entry_task, stage_queue_names
 from protocol.connections import Stores
 from protocol.errors import BackendUnavailable, ClientError, InferqError, InvalidRequest, QueueFull
+from protocol.fairness import publish_options
 from protocol.intake import FileUpload, TensorUpload, ValidatedInput, validate_input
 from protocol.jobs import JobStatus, NewJob, new_job_id
-from protocol.keys import idempotency_token, queue_lists
+from protocol.keys import idempotency_token, queue_lists, tenant_queues
+from protocol.priority import DEFAULT_PRIORITY, Priority, parse_priority
 from protocol.registry import ModelSpec, Registry
 
 log = logging.getLogger(__name__)
 
-MAX_PRIORITY = 9
 _MAX_IDEMPOTENCY_KEY_CHARS = 200
 _MAX_CALLBACK_URL_CHARS = 2048
 _MAX_DEADLINE_S = 7 * 24 * 3600.0
@@ -40,7 +41,8 @@ class SubmitOptions:
     """Stored with the job now; later issues give them their full behaviour."""
 
     callback_url: str | None = None
-    priority: int = 0
+    # Taken first from the broker and in the batcher (protocol.priority); numbers 0..9 are read as an alias.
+    priority: Priority = DEFAULT_PRIORITY
     idempotency_key: str | None = None
     # The submitting key's tenant: stored on the job, and part of the idempotency key's hash.
     tenant: str = ""
@@ -48,8 +50,7 @@ class SubmitOptions:
     deadline_s: float | None = None
 
     def __post_init__(self) -> None:
-        if not 0 <= self.priority <= MAX_PRIORITY:
-            raise InvalidRequest(f"priority must be 0..{MAX_PRIORITY}, got {self.priority}")
+        object.__setattr__(self, "priority", parse_priority(self.priority))
         if self.callback_url is not None and (
             not self.callback_url.startswith(("http://", "https://"))
             or len(self.callback_url) > _MAX_CALLBACK_URL_CHARS
@@ -141,7 +142,7 @@ class JobSubmitter:
             "model": spec.name,
             "model_version": spec.version,
             "blob_ref": uuid.uuid4().hex,
-            "priority": str(options.priority),
+            "priority": options.priority.value,
             "callback_url": options.callback_url or "",
             "input_kind": validated.input_kind,
             "media_type": validated.media_type,
@@ -192,8 +193,20 @@ class JobSubmitter:
             # record holds the result, so Celery's result backend is skipped: otherwise the producer subscribes to
             # each task's result and, with the backend down, retries that for ~20 s before failing.
             args = [job.job_id, job.fields["blob_ref"]]
+            routing = publish_options(
+                self._settings,
+                entry_queue(spec),
+                tenant=job.fields["tenant"],
+                priority=Priority(job.fields["priority"]),
+                remaining_s=job.queue_s or self._settings.queued_ttl_s,
+            )
             self._celery.send_task(
-                entry_task(spec), args=args, task_id=job.job_id, producer=producer, ignore_result=True
+                entry_task(spec),
+                args=args,
+                task_id=job.job_id,
+                producer=producer,
+                ignore_result=True,
+                **routing,
             )
         except Exception as e:
             log.warning("enqueue failed for job %s: %s", job.job_id, type(e).__name__)
@@ -215,11 +228,20 @@ class JobSubmitter:
         return BackendUnavailable("the broker is unavailable; try again")
 
     def queue_depths(self, models: Sequence[str] | None = None) -> dict[str, int]:
-        """Messages waiting per model (all models by default), summed over kombu's priority lists."""
+        """Messages waiting per model (all models by default), summed over kombu's priority lists, the tenant
+        sub-queues and, where decoding runs apart, both stages' queues."""
         names = list(models) if models is not None else list(self._registry)
         if broker_kind(self._settings.broker_url_or_default) == "amqp":
             return self._amqp_queue_depths(names)
-        lists = {model: queue_lists(self._registry[model].queue_name) for model in names}
+        buckets = self._settings.tenant_buckets
+        lists = {
+            model: [
+                name
+                for queue in stage_queue_names(self._registry[model])
+                for name in queue_lists(queue, buckets=buckets)
+            ]
+            for model in names
+        }
         pipe = self._stores.text.pipeline()
         for keys in lists.values():
             for key in keys:
@@ -231,9 +253,16 @@ class JobSubmitter:
         """Ready messages per model, from a passive declare (it reads the count and creates nothing)."""
         with self._celery.connection_for_read() as connection:
             try:
-                return {model: _ready_messages(connection, self._registry[model].queue_name) for model in names}
+                return {
+                    model: sum(_ready_messages(connection, queue) for queue in self._queues_of(model))
+                    for model in names
+                }
             except (*connection.connection_errors, OperationalError) as e:
                 raise BackendUnavailable("the broker does not answer") from e
+
+    def _queues_of(self, model: str) -> list[str]:
+        buckets = self._settings.tenant_buckets
+        return [name for queue in stage_queue_names(self._registry[model]) for name in tenant_queues(queue, buckets)]
 
 
 def _ready_messages(connection: Connection, queue: str) -> int:

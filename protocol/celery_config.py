@@ -16,19 +16,39 @@ from protocol.errors import ConfigError
 from protocol.keys import (
     CALLBACK_QUEUE,
     CALLBACK_TASK,
+    KOMBU_PRIORITY_SEPARATOR,
+    KOMBU_PRIORITY_STEPS,
     dead_letter_queue_for,
     prep_task_name_for,
     queue_for,
     task_name_for,
+    tenant_queues,
 )
 from protocol.registry import ModelSpec, Registry
 
-# Jobs one worker process holds at once, by default: one batch computing and the next one filling.
+# Jobs one worker process holds at once, by default: one batch. Holding a second batch while the first computes
+# (as before) let that second batch of routine jobs, fetched before a STAT job arrived, run ahead of it; holding one,
+# the freed slots are refilled from the broker, which hands out the STAT job first, so that a STAT job waits at
+# most for the batch in progress. The price is the claim and decoding of the next batch no longer overlapping the
+# forward pass (measured by scripts/bench_priority.py; INFERQ_WORKER_SLOTS sets it back).
 _MAX_DEFAULT_SLOTS = 64
 
 
 def default_slots(specs: list[ModelSpec]) -> int:
-    return min(_MAX_DEFAULT_SLOTS, 2 * max((spec.max_batch_size for spec in specs), default=1))
+    return min(_MAX_DEFAULT_SLOTS, max((spec.max_batch_size for spec in specs), default=1))
+
+
+def redis_transport_options(settings: Settings) -> dict[str, Any]:
+    """kombu's Redis transport: its lists and how one BRPOP reads them (protocol.priority, protocol.fairness)."""
+    return {
+        "visibility_timeout": settings.broker_visibility_timeout_s,
+        # One list per step; BRPOP names the steps in this order, so step 0 (stat, tightest deadline) is taken
+        # first. The separator is kombu's default, said here because protocol.keys builds the same names.
+        "priority_steps": list(KOMBU_PRIORITY_STEPS),
+        "sep": KOMBU_PRIORITY_SEPARATOR,
+        # Within a step, the tenant sub-queue just served goes to the back: tenants take turns.
+        "queue_order_strategy": "round_robin",
+    }
 
 
 def _queue(name: str) -> Queue:
@@ -64,7 +84,7 @@ def celery_config(settings: Settings, registry: Registry) -> dict[str, Any]:
         "worker_pool": "threads",
         "worker_concurrency": default_slots(list(registry.values())),
         "worker_prefetch_multiplier": 1,
-        "broker_transport_options": {"visibility_timeout": settings.broker_visibility_timeout_s},
+        "broker_transport_options": redis_transport_options(settings),
         "task_routes": {
             CALLBACK_TASK: {"queue": CALLBACK_QUEUE},
             **{task_name_for(name): {"queue": queue_for(spec.queue_name)} for name, spec in registry.items()},
@@ -141,15 +161,23 @@ def _amqp_queue(name: str, *, delivery_limit: int) -> Queue:
     )
 
 
-def _queue_names(registry: Registry) -> list[str]:
-    """Every model's queue, the decoding stages' queues, then the callbacks' own."""
-    return [*model_queue_names(registry), CALLBACK_QUEUE]
+def _queue_names(settings: Settings, registry: Registry) -> list[str]:
+    """Every job queue with its tenant sub-queues, then the callbacks' own."""
+    buckets = settings.tenant_buckets
+    return [name for queue in model_queue_names(registry) for name in tenant_queues(queue, buckets)] + [CALLBACK_QUEUE]
 
 
 def model_queue_names(registry: Registry) -> list[str]:
-    """The queues that carry jobs: each model's, and its decoding stage's where that runs separately."""
+    """The queues that carry jobs: each model's, and its decoding stage's where that runs separately. Each stands
+    for its tenant sub-queues too (`protocol.keys.tenant_queues`): a decoding stage is shared between tenants as
+    much as a model is, so it gets the same fairness."""
     stages = [spec.prep_queue_name for spec in registry.values() if spec.prep_queue_name]
     return [spec.queue_name for spec in registry.values()] + stages
+
+
+def stage_queue_names(spec: ModelSpec) -> list[str]:
+    """One model's job queues: its own, then its decoding stage's where that runs separately."""
+    return [spec.queue_name] + ([spec.prep_queue_name] if spec.prep_queue_name else [])
 
 
 def entry_task(spec: ModelSpec) -> str:
@@ -157,13 +185,18 @@ def entry_task(spec: ModelSpec) -> str:
     return prep_task_name_for(spec.name) if spec.preprocess == "separate" else task_name_for(spec.name)
 
 
+def entry_queue(spec: ModelSpec) -> str:
+    """The queue of `entry_task` (before the tenant's sub-queue is picked: protocol.fairness)."""
+    return spec.prep_queue_name or spec.queue_name
+
+
 def broker_options(settings: Settings, registry: Registry) -> dict[str, Any]:
     """The queues, and what differs per broker kind; Redis keeps the queues of `_queue` unchanged."""
     if broker_kind(settings.broker_url_or_default) == "redis":
-        return {"task_queues": [_queue(name) for name in _queue_names(registry)]}
+        return {"task_queues": [_queue(name) for name in _queue_names(settings, registry)]}
     limit = settings.broker_delivery_limit
     return {
-        "task_queues": [_amqp_queue(name, delivery_limit=limit) for name in _queue_names(registry)],
+        "task_queues": [_amqp_queue(name, delivery_limit=limit) for name in _queue_names(settings, registry)],
         # Quorum queues refuse a global prefetch; Celery then sets it per consumer (its default, said explicitly).
         "worker_detect_quorum_queues": True,
         # Publisher confirms: a 202 means RabbitMQ has stored the message, not merely that it left the socket.

@@ -129,8 +129,10 @@ return ID
 """
 
 # ARGV: id, node, pid, lease s, expired error, keep ttl, callback grace.
-# Returns {outcome, token, lost, queued s}: outcome 'claimed', 'leased' (a live attempt holds it), a final status,
-# 'missing'; queued s (a string: Lua numbers become integers in replies) is how long the job waited since submission.
+# Returns {outcome, token, lost, queued s, priority, expires at, tenant}: outcome 'claimed', 'leased' (a live attempt
+# holds it), a final status, 'missing'; queued s (a string: Lua numbers become integers in replies) is how long the job
+# waited since submission. A claim adds the job's priority and queue deadline, which order it in the worker's batcher,
+# and its tenant, whose sub-queue a decoding stage hands the job on to (protocol.fairness).
 CLAIM = f"""{_PRELUDE}
 local status = redis.call('HGET', J, 'status')
 if not status then return {{'missing', 0, 0}} end
@@ -162,7 +164,9 @@ redis.call('ZREM', RETRIES, ID)
 redis.call('ZREM', tenant_waiting(), ID)
 count('claims', model())
 if token > 1 then count('redeliveries', model()) end
-return {{'claimed', token, num('lost'), tostring(now - num('submitted_at'))}}
+local order = redis.call('HMGET', J, 'priority', 'expires_at', 'tenant')
+return {{'claimed', token, num('lost'), tostring(now - num('submitted_at')),
+  order[1] or '', order[2] or '', order[3] or ''}}
 """
 
 _FENCE = """
@@ -171,8 +175,13 @@ if not status then return 'missing' end
 if status ~= 'running' or redis.call('HGET', J, 'attempts') ~= ARGV[2] then return 'fenced' end
 """
 
-# ARGV: id, token. Marks the attempt as computing: from here on it can no longer be cancelled.
+# ARGV: id, token, expired error, keep ttl, callback grace. Marks the attempt as computing: from here on it can no
+# longer be cancelled. A job whose queue deadline passed while it waited in the worker's batcher expires instead.
 BEGIN = f"""{_PRELUDE}{_FENCE}
+if now > num('expires_at') then
+  finalize('expired', '', ARGV[3], ARGV[4], false, ARGV[5])
+  return 'expired'
+end
 redis.call('HSET', J, 'computing_at', now)
 return 'ok'
 """

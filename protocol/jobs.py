@@ -85,6 +85,11 @@ class Claim:
     token: int = 0
     lost: int = 0
     queued_s: float = 0.0  # how long the job waited between submission and this claim (server clock)
+    # Of a claimed job: its priority class and queue deadline (epoch seconds), for the batcher's order, and its
+    # tenant, for the sub-queue of the next stage (protocol.fairness).
+    priority: str = ""
+    expires_at_s: float = float("inf")
+    tenant: str = ""
 
     @property
     def claimed(self) -> bool:
@@ -255,16 +260,21 @@ class JobStore:
 
     @staticmethod
     def claim_result(reply: Any) -> Claim:
-        outcome, token, lost, *waited = reply
-        outcome = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
-        queued_s = float(waited[0]) if waited else 0.0
-        return Claim(outcome=outcome, token=int(token), lost=int(lost), queued_s=queued_s)
+        outcome, token, lost, *more = [item.decode() if isinstance(item, bytes) else item for item in reply]
+        if not more:
+            return Claim(outcome=str(outcome), token=int(token), lost=int(lost))
+        queued_s, priority, expires_at, tenant = more
+        return Claim(
+            str(outcome), int(token), int(lost), float(queued_s), str(priority), float(expires_at or "inf"), str(tenant)
+        )
 
     def begin(self, leases: list[tuple[str, int]]) -> list[bool]:
-        """Mark attempts as computing (no cancelling from here); False for an attempt that was fenced off."""
+        """Mark attempts as computing (no cancelling from here); False for an attempt that was fenced off, or whose
+        job passed its queue deadline while it waited for a batch (it ends `expired`, without compute)."""
         pipe = self._redis.pipeline(transaction=False)
+        expired = json.dumps(EXPIRED_ERROR)
         for job_id, token in leases:
-            self._run("BEGIN", job_id, token, client=pipe)
+            self._run("BEGIN", job_id, token, expired, self.keep_ttl_s, CALLBACK_GRACE_S, client=pipe)
         return [reply == "ok" for reply in pipe.execute()]
 
     def renew(self, leases: list[tuple[str, int]], *, lease_s: float) -> list[bool]:

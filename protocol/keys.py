@@ -15,7 +15,8 @@ CALLBACK_TASK = "inferq.deliver_callback"
 CALLBACK_QUEUE = "inferq-callbacks"
 # kombu's Redis transport keeps one list per priority step, named queue + separator + step (step 0: bare name).
 KOMBU_PRIORITY_SEPARATOR = "\x06\x16"
-KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
+# Three steps per priority class (stat 0-2, urgent 3-5, routine 6-8), one per deadline tier: protocol.priority.
+KOMBU_PRIORITY_STEPS = tuple(range(9))
 # kombu's Redis transport: delivered but unacknowledged messages, by delivery tag.
 KOMBU_UNACKED_HASH = "unacked"
 # ... and their delivery times (epoch seconds, the worker's clock), by delivery tag.
@@ -36,9 +37,24 @@ def prep_task_name_for(model: str) -> str:
     return f"{PREP_TASK_PREFIX}.{model}"
 
 
-def queue_lists(queue: str) -> list[str]:
-    """The Redis lists that hold a queue's waiting messages, one per kombu priority step."""
-    return [queue if step == 0 else f"{queue}{KOMBU_PRIORITY_SEPARATOR}{step}" for step in KOMBU_PRIORITY_STEPS]
+def queue_lists(queue: str, *, buckets: int = 1) -> list[str]:
+    """The Redis lists that hold a job queue's waiting messages: one per kombu priority step, for each of its
+    `buckets` tenant sub-queues."""
+    return [
+        name if step == 0 else f"{name}{KOMBU_PRIORITY_SEPARATOR}{step}"
+        for name in tenant_queues(queue, buckets)
+        for step in KOMBU_PRIORITY_STEPS
+    ]
+
+
+def tenant_queue(queue: str, bucket: int) -> str:
+    """A job queue's (a model's, or its decoding stage's) tenant sub-queue `bucket` (protocol.fairness); bucket 0 is
+    the queue itself, so that one bucket is exactly the old layout and `celery worker -Q chest-xray` names the model."""
+    return queue if bucket == 0 else f"{queue}.t{bucket}"
+
+
+def tenant_queues(queue: str, buckets: int) -> list[str]:
+    return [tenant_queue(queue, bucket) for bucket in range(max(1, buckets))]
 
 
 def job_key(job_id: str) -> str:

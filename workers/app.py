@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from os import EX_CONFIG
 from typing import Any
 
@@ -19,10 +20,13 @@ from celery.signals import celeryd_after_setup, worker_process_init, worker_shut
 
 from config import Settings
 from protocol.callbacks import register_callback_task
-from protocol.celery_config import build_celery
+from protocol.celery_config import build_celery, model_queue_names
 from protocol.errors import InferqError
-from protocol.keys import CALLBACK_QUEUE, CALLBACK_TASK, task_name_for
+from protocol.fairness import publish_options
+from protocol.jobs import Claim
+from protocol.keys import CALLBACK_QUEUE, CALLBACK_TASK, task_name_for, tenant_queues
 from protocol.logs import connect_celery_logging
+from protocol.priority import stored_priority
 from protocol.registry import load_registry
 from workers.runtime import WorkerRuntime, require_cuda
 from workers.tasks import register_tasks
@@ -36,7 +40,7 @@ runtime = WorkerRuntime(settings, registry)
 register_tasks(app, registry, lambda: runtime)
 register_callback_task(app, settings)
 runtime.send_callback = lambda job_id: _send_callback(job_id)
-runtime.send_prepared = lambda model, job_id, tensor_ref: _send_prepared(model, job_id, tensor_ref)
+runtime.send_prepared = lambda model, job_id, tensor_ref, claim: _send_prepared(model, job_id, tensor_ref, claim)
 connect_celery_logging(settings)
 
 
@@ -47,15 +51,36 @@ def _send_callback(job_id: str) -> None:
         log.warning("job %s: callback not queued now (%s)", job_id, type(e).__name__, extra={"job_id": job_id})
 
 
-def _send_prepared(model: str, job_id: str, tensor_ref: str) -> None:
+def _send_prepared(model: str, job_id: str, tensor_ref: str, claim: Claim) -> None:
     try:
-        app.send_task(task_name_for(model), args=[job_id, tensor_ref], kwargs={"prepared": True}, task_id=job_id)
+        # The model's queue: the same tenant's sub-queue and priority as the decoding stage's (protocol.fairness).
+        routing = publish_options(
+            settings,
+            registry.get_model(model).queue_name,
+            tenant=claim.tenant,
+            priority=stored_priority(claim.priority),
+            remaining_s=claim.expires_at_s - time.time(),
+        )
+        app.send_task(
+            task_name_for(model), args=[job_id, tensor_ref], kwargs={"prepared": True}, task_id=job_id, **routing
+        )
     except Exception as e:  # the job waits as queued; the reconciler publishes it once its message counts as lost
         log.warning("job %s: decoded, but not queued for its model now (%s)", job_id, type(e).__name__)
 
 
+def _add_tenant_queues(queues: Any) -> None:
+    """`-Q chest-xray` (or `chest-xray.prep`) means the stage of the model: consume its tenant sub-queues too
+    (protocol.fairness), as Celery's documentation adds queues in this signal."""
+    for queue in model_queue_names(registry):
+        if queue in queues.consume_from:
+            for name in tenant_queues(queue, settings.tenant_buckets):
+                if name not in queues.consume_from:
+                    queues.select_add(queues[name])
+
+
 @celeryd_after_setup.connect
 def _prepare(sender: str, instance: Any, **_: Any) -> None:
+    _add_tenant_queues(instance.app.amqp.queues)
     queues = set(instance.app.amqp.queues.consume_from)
     # A decoding-stage queue needs no model loaded: only the models of the model queues are.
     runtime.select([spec for spec in registry.values() if spec.queue_name in queues], queues=sorted(queues))

@@ -7,8 +7,14 @@ are known to be on their way (claimed by this process and still decoding): a lon
 and under load batches fill while the previous one computes.
 
 Each job stays its own Celery task; the batcher never sees the broker. What it does need from the job store is one
-check per batch that every attempt still owns its job (`begin`), so that a job cancelled while it waited here, or
-taken over after its lease lapsed, never costs compute.
+check per batch that every attempt still owns its job (`begin`), so that a job cancelled while it waited here, taken
+over after its lease lapsed, or past its queue deadline, never costs compute.
+
+Order: the most urgent job waiting goes first (priority class, then earliest deadline, then arrival), and a batch
+holds jobs of one priority class only: on a CPU a forward pass costs about its rows, so a STAT job filled up with
+routine ones would wait for their compute too. The batch is chosen once the jobs known to be on their way (claimed
+here and decoding) have arrived, or `batch_wait_ms` has passed, so that a STAT job fetched with routine ones is not
+left out of the batch that starts next.
 """
 
 from __future__ import annotations
@@ -52,8 +58,13 @@ class _Item:
     rows: np.ndarray
     isolate: bool
     priority: int
+    deadline_s: float
     enqueued_s: float
     future: Future[BatchOutput] = field(default_factory=Future)
+
+    @property
+    def order(self) -> tuple[int, float, float]:
+        return (self.priority, self.deadline_s, self.enqueued_s)
 
 
 class DynamicBatcher:
@@ -97,10 +108,19 @@ class DynamicBatcher:
             self._cond.notify_all()
 
     def submit(
-        self, job_id: str, token: int, rows: np.ndarray, *, isolate: bool = False, priority: int = 0
+        self,
+        job_id: str,
+        token: int,
+        rows: np.ndarray,
+        *,
+        isolate: bool = False,
+        priority: int = 0,
+        deadline_s: float = float("inf"),
     ) -> Future[BatchOutput]:
-        """Queue one job's rows (leading axis: rows of the batch); the future holds its rows of the outputs."""
-        item = _Item(job_id, token, rows, isolate, priority, time.monotonic())
+        """Queue one job's rows (leading axis: rows of the batch); the future holds its rows of the outputs.
+        `priority` is a rank (0 most urgent: protocol.priority), `deadline_s` the job's queue deadline (any clock;
+        only compared with other jobs' deadlines)."""
+        item = _Item(job_id, token, rows, isolate, priority, deadline_s, time.monotonic())
         with self._cond:
             if self._stopped:
                 item.future.set_exception(InferqError("the batcher is stopped"))
@@ -131,33 +151,42 @@ class DynamicBatcher:
                 if self._stopped:
                     return None
                 self._cond.wait()
+            self._gather()
             first = self._take_first()
             if first.isolate:
                 return [first]
             batch, rows = [first], len(first.rows)
-            deadline_s = time.monotonic() + self._wait_s
             while rows < self._max_rows:
-                nxt = self._take_fitting(self._max_rows - rows)
-                if nxt is not None:
-                    batch.append(nxt)
-                    rows += len(nxt.rows)
-                    continue
-                remaining_s = deadline_s - time.monotonic()
-                if self._arriving == 0 or remaining_s <= 0 or self._stopped:
+                nxt = self._take_fitting(self._max_rows - rows, priority=first.priority)
+                if nxt is None:
                     break
-                self._cond.wait(timeout=remaining_s)
+                batch.append(nxt)
+                rows += len(nxt.rows)
             return batch
 
+    def _gather(self) -> None:
+        """Wait, at most `batch_wait_ms`, while jobs are on their way and a batch's worth is not here yet."""
+        deadline_s = time.monotonic() + self._wait_s
+        while sum(len(item.rows) for item in self._items) < self._max_rows and self._arriving > 0:
+            remaining_s = deadline_s - time.monotonic()
+            if remaining_s <= 0 or self._stopped:
+                return
+            self._cond.wait(timeout=remaining_s)
+
     def _take_first(self) -> _Item:
-        # Most urgent first, then oldest: a list scan is fine for the few dozen jobs a process holds.
-        best = min(range(len(self._items)), key=lambda i: (self._items[i].priority, self._items[i].enqueued_s))
+        # Most urgent, then earliest deadline, then oldest: a list scan is fine for the few dozen jobs a process holds.
+        best = min(range(len(self._items)), key=lambda i: self._items[i].order)
         return self._items.pop(best)
 
-    def _take_fitting(self, room_rows: int) -> _Item | None:
-        candidates = [i for i, item in enumerate(self._items) if not item.isolate and len(item.rows) <= room_rows]
+    def _take_fitting(self, room_rows: int, *, priority: int) -> _Item | None:
+        candidates = [
+            i
+            for i, item in enumerate(self._items)
+            if not item.isolate and len(item.rows) <= room_rows and item.priority == priority
+        ]
         if not candidates:
             return None
-        best = min(candidates, key=lambda i: (self._items[i].priority, self._items[i].enqueued_s))
+        best = min(candidates, key=lambda i: self._items[i].order)
         return self._items.pop(best)
 
     def _run(self, batch: list[_Item]) -> None:

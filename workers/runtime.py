@@ -57,8 +57,9 @@ class WorkerRuntime:
         self.selected: list[ModelSpec] = list(registry.values())
         self.node = f"{socket.gethostname()}-{os.getpid()}"
         self.send_callback: Callable[[str], None] = lambda job_id: None
-        # (model, job id, tensor ref): hand a decoded job to its model's queue; set by the Celery app.
-        self.send_prepared: Callable[[str, str, str], None] = lambda model, job_id, tensor_ref: None
+        # (model, job id, tensor ref, the decoding attempt's claim): hand a decoded job to its model's queue; set by
+        # the Celery app.
+        self.send_prepared: Callable[[str, str, str, Claim], None] = lambda model, job_id, tensor_ref, claim: None
         self._runners: dict[str, ModelRunner] = {}
         self._batchers: dict[str, DynamicBatcher] = {}
         self._stores: Stores | None = None

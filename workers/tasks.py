@@ -19,10 +19,17 @@ import numpy as np
 import redis
 from celery import Celery
 
-from protocol.errors import BackendUnavailable, BlobMissing, InferenceError, InferqError, TimeLimitExceeded
+from protocol.errors import (
+    BackendUnavailable,
+    BlobMissing,
+    InferenceError,
+    InferqError,
+    TimeLimitExceeded,
+)
 from protocol.jobs import Claim, JobStatus, Outcome
 from protocol.keys import prep_task_name_for, task_name_for
 from protocol.metrics import record_claim, record_outcome
+from protocol.priority import stored_priority
 from protocol.registry import ModelSpec, Registry
 from workers.batcher import BatchOutput, Fenced
 from workers.handoff import pack, unpack
@@ -108,7 +115,7 @@ def _prep(runtime: WorkerRuntime, spec: ModelSpec, job_id: str, claim: Claim, bl
         runtime.stores.blobs.delete(tensor_ref)
         log.info("job %s: decoded, but attempt %d was fenced off: %s", job_id, claim.token, reply)
         return {"job_id": job_id, "status": "fenced"}
-    runtime.send_prepared(spec.name, job_id, tensor_ref)
+    runtime.send_prepared(spec.name, job_id, tensor_ref, claim)
     return {"job_id": job_id, "status": "decoded"}
 
 
@@ -182,7 +189,14 @@ def _compute(
         batcher.unexpect()
         return _failure(job_id, e)
     # A job that already ended its worker once runs alone, so that it cannot take a batch of others down with it.
-    future = batcher.submit(job_id, claim.token, _with_batch_axis(spec, rows), isolate=claim.lost > 0)
+    future = batcher.submit(
+        job_id,
+        claim.token,
+        _with_batch_axis(spec, rows),
+        isolate=claim.lost > 0,
+        priority=stored_priority(claim.priority).rank,
+        deadline_s=claim.expires_at_s,
+    )
     try:
         output: BatchOutput = future.result()
     except (Fenced, *_TRANSIENT):

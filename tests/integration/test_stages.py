@@ -23,6 +23,7 @@ from protocol.celery_config import build_celery
 from protocol.connections import open_stores
 from protocol.intake import FileUpload
 from protocol.jobs import FINAL_STATUSES, JobStore
+from protocol.priority import Priority
 from protocol.registry import load_registry
 from tests.integration.test_end_to_end import _assert_same_result
 
@@ -112,3 +113,14 @@ def test_a_bad_image_fails_in_the_decoding_stage_and_never_reaches_the_model(sta
     [job] = _wait(stages.jobs, [job_id])
     assert job["status"] == "failed" and job["error"]["code"] == "invalid_image"
     assert stages.jobs.fields(job_id).get("tensor_ref") is None
+
+
+def test_both_stages_serve_every_tenant_sub_queue_at_every_priority(stages: Stages) -> None:
+    # "north" and "south" hash to buckets 1 and 3 of the default 4: the decoding stage takes them from
+    # `xray-split.prep.t1/.t3` and hands them on to `xray-split.t1/.t3`, which the model's workers consume too.
+    png = next(p for p in stages.samples if p.name == "chest-8bit.png").read_bytes()
+    classes = (Priority.STAT, Priority.ROUTINE)
+    options = [SubmitOptions(tenant=t, priority=p) for t in ("north", "south") for p in classes]
+    job_ids = [stages.submitter.submit("xray-split", FileUpload(png), o).job_id for o in options]
+    for job in _wait(stages.jobs, job_ids):
+        assert job["status"] == "succeeded" and job["attempts"] == 1, job

@@ -61,6 +61,9 @@ def test_claim_then_succeed_records_the_result_drops_the_blob_and_announces_it(s
     claim = _claim(stores.jobs, job_id)
     assert (claim.outcome, claim.token, claim.lost) == ("claimed", 1, 0)
     assert 0 <= claim.queued_s < 60
+    fields = stores.jobs.fields(job_id)
+    assert (claim.priority, claim.expires_at_s) == (fields.get("priority", ""), float(fields["expires_at"]))
+    assert claim.tenant == fields.get("tenant", "")
     assert stores.jobs.view(job_id)["status"] == "running"
     assert stores.text.zscore(leases_key(), job_id) is not None
     assert _succeed(stores.jobs, job_id, claim.token) == "ok"

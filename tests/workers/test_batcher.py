@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -173,3 +174,68 @@ def test_batches_respect_max_batch_size_in_rows(fraud: ModelRunner, stores: Stor
         f.result(timeout=30)
     batcher.stop()
     assert sorted(batcher.batches_run) == [1, 2, 2] and sum(batcher.batches_run) == 5
+
+
+def _held_batcher(
+    fraud: ModelRunner, stores: Stores, ran: list[list[int]], *, max_batch_size: int = 64
+) -> tuple[DynamicBatcher, threading.Event, threading.Event]:
+    """A batcher whose first forward pass waits to be released; `ran` records each pass's rows (their first value)."""
+    started, release = threading.Event(), threading.Event()
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        started.set()
+        release.wait(timeout=30)
+        ran.append([int(v) for v in batch[:, 0]])
+        return fraud.infer(batch)
+
+    batcher = DynamicBatcher(
+        name="fraud", run_batch=infer, gate=stores.jobs.begin, max_batch_size=max_batch_size, batch_wait_ms=0
+    )
+    return batcher, started, release
+
+
+def test_waiting_jobs_run_by_priority_then_deadline_one_class_per_batch(fraud: ModelRunner, stores: Stores) -> None:
+    # Given a batcher busy with a first job, and jobs waiting behind it in arrival order
+    ran: list[list[int]] = []
+    batcher, started, release = _held_batcher(fraud, stores, ran, max_batch_size=2)
+    claimed = _claimed(stores.jobs, 7)
+    first = batcher.submit(*claimed[0], np.zeros((1, 30), dtype=np.float32))
+    assert started.wait(timeout=30)
+    # (label, priority rank, deadline): routine late, routine soon, stat, urgent, routine soonest, stat
+    waiting = [(1, 2, 500.0), (2, 2, 200.0), (3, 0, 900.0), (4, 1, 100.0), (5, 2, 100.0), (6, 0, 800.0)]
+    futures = [
+        batcher.submit(*claimed[label], np.full((1, 30), label, dtype=np.float32), priority=rank, deadline_s=due)
+        for label, rank, due in waiting
+    ]
+    # When the first batch ends
+    release.set()
+    first.result(timeout=30)
+    sizes = [f.result(timeout=30).batch_jobs for f in futures]
+    batcher.stop()
+    # Then stat goes first (earliest deadline first), then urgent alone, then routine by deadline, two per batch
+    assert ran[1:] == [[6, 3], [4], [5, 2], [1]]
+    assert sizes == [1, 2, 2, 1, 2, 2]
+
+
+def test_a_job_that_expires_while_it_waits_in_the_batcher_is_dropped(fraud: ModelRunner, stores: Stores) -> None:
+    # Given a job with a short queue deadline, claimed in time, waiting behind a running batch
+    ran: list[list[int]] = []
+    batcher, started, release = _held_batcher(fraud, stores, ran)
+    [busy] = _claimed(stores.jobs, 1)
+    job_id = new_job_id()
+    stores.jobs.create(job_id, {"model": "m", "model_version": "1", "blob_ref": "b"}, queue_s=0.5)
+    claim = stores.jobs.claim_result(stores.jobs.claim(job_id, node="t", pid=1, lease_s=60))
+    assert claim.claimed and claim.expires_at_s < float("inf")
+    first = batcher.submit(*busy, np.zeros((1, 30), dtype=np.float32))
+    assert started.wait(timeout=30)
+    late = batcher.submit(job_id, claim.token, np.ones((1, 30), dtype=np.float32), deadline_s=claim.expires_at_s)
+    # When its deadline passes before its batch starts
+    time.sleep(0.8)
+    release.set()
+    first.result(timeout=30)
+    # Then it never reaches the model and ends expired
+    with pytest.raises(Fenced):
+        late.result(timeout=30)
+    batcher.stop()
+    assert ran == [[0]]
+    assert stores.jobs.view(job_id)["status"] == "expired"
