@@ -8,8 +8,9 @@ COPY config config
 COPY protocol protocol
 COPY producers producers
 COPY workers workers
+COPY inferq inferq
 COPY scripts scripts
-RUN pip install --no-cache-dir -e .
+RUN pip install --no-cache-dir -e ".[server]"
 RUN useradd --create-home inferq
 USER inferq
 

@@ -96,7 +96,7 @@ class Settings(BaseSettings):
     worker_slots: int = Field(
         default=0,
         ge=0,
-        description="Jobs one worker process holds at once (decoding, waiting for or in a batch); 0: twice the "
+        description="Jobs one worker process holds at once (decoding, waiting for or in a batch); 0: the "
         "largest max_batch_size of its models, at most 64.",
     )
 

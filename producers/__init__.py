@@ -1,5 +1,5 @@
 """The client side: the submission path, the HTTP API, the Python client and the `inferq` command. No torch."""
 
-from producers.client import InferqClient
+from inferq.producers.client import InferqClient
 
 __all__ = ["InferqClient"]

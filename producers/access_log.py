@@ -20,7 +20,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from producers.auth import PRINCIPAL_STATE
+from inferq.producers.auth import PRINCIPAL_STATE
 
 ACCESS_LOGGER = "inferq.access"
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")

@@ -24,20 +24,20 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from config import Settings
-from producers.access_log import AccessLogMiddleware
-from producers.api_keys import ApiKeyStore
-from producers.auth import Reader, Submitter, require_own_job
-from producers.bodies import check_declared_length, parse_json, read_body, read_multipart
-from producers.bulk import JobsQuery, outcomes_of, read_file_items, read_json_body, read_tensor_items
-from producers.metrics import ClusterCollector, api_metrics_registry
-from producers.readiness import consumers_per_model, served_models
-from producers.submit import JobSubmitter, Receipt, SubmitItem, SubmitOptions
-from producers.waiting import CompletionHub, is_final, prefer_wait_s, wait_for_jobs
-from protocol.celery_config import broker_kind, build_celery
-from protocol.codec import TensorPayload
-from protocol.connections import Stores, open_stores
-from protocol.errors import (
+from inferq.config import Settings
+from inferq.producers.access_log import AccessLogMiddleware
+from inferq.producers.api_keys import ApiKeyStore
+from inferq.producers.auth import Reader, Submitter, require_own_job
+from inferq.producers.bodies import check_declared_length, parse_json, read_body, read_multipart
+from inferq.producers.bulk import JobsQuery, outcomes_of, read_file_items, read_json_body, read_tensor_items
+from inferq.producers.metrics import ClusterCollector, api_metrics_registry
+from inferq.producers.readiness import consumers_per_model, served_models
+from inferq.producers.submit import JobSubmitter, Receipt, SubmitItem, SubmitOptions
+from inferq.producers.waiting import CompletionHub, is_final, prefer_wait_s, wait_for_jobs
+from inferq.protocol.celery_config import broker_kind, build_celery
+from inferq.protocol.codec import TensorPayload
+from inferq.protocol.connections import Stores, open_stores
+from inferq.protocol.errors import (
     BackendUnavailable,
     ClientError,
     InferqError,
@@ -51,10 +51,10 @@ from protocol.errors import (
     UnknownJob,
     error_payload,
 )
-from protocol.intake import FileUpload, TensorUpload
-from protocol.logs import bind_context
-from protocol.priority import PRIORITY_HELP, parse_priority
-from protocol.registry import Registry, load_registry
+from inferq.protocol.intake import FileUpload, TensorUpload
+from inferq.protocol.logs import bind_context
+from inferq.protocol.priority import PRIORITY_HELP, parse_priority
+from inferq.protocol.registry import Registry, load_registry
 
 log = logging.getLogger(__name__)
 

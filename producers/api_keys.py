@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import redis
 
-from protocol.errors import InvalidRequest, Unauthorized
-from protocol.keys import api_key_index, api_key_record
+from inferq.protocol.errors import InvalidRequest, Unauthorized
+from inferq.protocol.keys import api_key_index, api_key_record
 
 ROLES = ("submit", "read", "admin")
 _KEY_PATTERN = re.compile(r"^iq_(?P<key_id>[0-9a-f]{16})_(?P<secret>[A-Za-z0-9_-]{43})$")

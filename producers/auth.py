@@ -17,9 +17,9 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from producers.api_keys import ApiKeyStore, Principal
-from protocol.errors import Forbidden, Unauthorized, UnknownJob
-from protocol.jobs import JobStore
+from inferq.producers.api_keys import ApiKeyStore, Principal
+from inferq.protocol.errors import Forbidden, Unauthorized, UnknownJob
+from inferq.protocol.jobs import JobStore
 
 PRINCIPAL_STATE = "principal"
 _bearer = HTTPBearer(auto_error=False, description="An API key from `inferq keys create`.")

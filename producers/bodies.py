@@ -17,7 +17,7 @@ from starlette.datastructures import FormData
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
-from protocol.errors import ClientDisconnected, InvalidRequest, PayloadTooLarge
+from inferq.protocol.errors import ClientDisconnected, InvalidRequest, PayloadTooLarge
 
 # Multipart framing (boundaries, part headers, the small option fields) on top of the file itself.
 MULTIPART_FRAMING_BYTES = 64 * 1024

@@ -15,12 +15,12 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from config import Settings
-from producers.submit import Outcome, SubmitItem, SubmitOptions
-from protocol.codec import TensorPayload
-from protocol.errors import ClientError, InferqError, InvalidRequest, PayloadTooLarge
-from protocol.intake import FileUpload, TensorUpload
-from protocol.priority import parse_priority
+from inferq.config import Settings
+from inferq.producers.submit import Outcome, SubmitItem, SubmitOptions
+from inferq.protocol.codec import TensorPayload
+from inferq.protocol.errors import ClientError, InferqError, InvalidRequest, PayloadTooLarge
+from inferq.protocol.intake import FileUpload, TensorUpload
+from inferq.protocol.priority import parse_priority
 
 # Each item of a bulk request, or its error, in request order.
 ItemOrError = SubmitItem | ClientError

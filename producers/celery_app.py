@@ -1,11 +1,11 @@
 """A torch-free Celery app for tools that only watch the broker or deliver callbacks:
-`celery -A producers.celery_app flower`, and the `inferq callbacks` worker."""
+`celery -A inferq.producers.celery_app flower`, and the `inferq callbacks` worker."""
 
-from config import Settings
-from protocol.callbacks import register_callback_task
-from protocol.celery_config import build_celery
-from protocol.logs import connect_celery_logging
-from protocol.registry import load_registry
+from inferq.config import Settings
+from inferq.protocol.callbacks import register_callback_task
+from inferq.protocol.celery_config import build_celery
+from inferq.protocol.logs import connect_celery_logging
+from inferq.protocol.registry import load_registry
 
 _settings = Settings()
 app = build_celery(_settings, load_registry(_settings.registry_path))

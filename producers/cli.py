@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import click
-import redis
 from tqdm import tqdm
 
-from config import Settings
-from producers.client import FINAL_STATUSES, InferqClient
-from protocol.errors import InferqError, RemoteError
-from protocol.priority import PRIORITY_HELP
+from inferq.config import Settings
+from inferq.producers.client import FINAL_STATUSES, InferqClient
+from inferq.protocol.errors import InferqError, RemoteError
+from inferq.protocol.priority import PRIORITY_HELP
 
 _WORKER_EXTRA_HINT = "the worker commands need torch: pip install 'inferq[worker]'"
 
@@ -172,7 +171,9 @@ def status(job_id: str | None, api_url: str | None, minutes: int) -> None:
     """With a job id: the job's status and result as JSON (through the API). Without: every queue's depth, oldest
     waiting job, running jobs, live workers and recent failures, read from Redis (INFERQ_REDIS_URL)."""
     if job_id is None:
-        from producers.metrics import render_status, status_rows
+        import redis  # an operator command, of the server install: the client install has no Redis library
+
+        from inferq.producers.metrics import render_status, status_rows
 
         try:
             click.echo(render_status(status_rows(Settings(), minutes=minutes), minutes=minutes))
@@ -215,9 +216,9 @@ def api(host: str | None, port: int | None) -> None:
     """Serve the HTTP API (OpenAPI docs at /docs)."""
     import uvicorn
 
-    from producers.access_log import configure_access_log
-    from producers.api import create_app
-    from protocol.logs import configure_logging
+    from inferq.producers.access_log import configure_access_log
+    from inferq.producers.api import create_app
+    from inferq.protocol.logs import configure_logging
 
     settings = _settings(api_host=host, api_port=port)
     configure_logging(settings)
@@ -239,7 +240,7 @@ def api(host: str | None, port: int | None) -> None:
 @click.option("--port", type=int, default=None, help="Default: INFERQ_FLOWER_PORT (5555).")
 def flower(host: str | None, port: int | None) -> None:
     """Start Flower against the same broker, behind basic auth (INFERQ_FLOWER_BASIC_AUTH), control API off."""
-    from producers.flower import run_flower
+    from inferq.producers.flower import run_flower
 
     settings = _settings(flower_host=host, flower_port=port)
     try:
@@ -254,8 +255,8 @@ def keys() -> None:
 
 
 def _key_store() -> Any:
-    from producers.api_keys import ApiKeyStore
-    from protocol.connections import redis_client
+    from inferq.producers.api_keys import ApiKeyStore
+    from inferq.protocol.connections import redis_client
 
     settings = Settings()
     return ApiKeyStore(redis_client(settings.redis_url_or_default, decode=True, ca_file=settings.redis_tls_ca_file))
@@ -266,7 +267,7 @@ def _key_store() -> Any:
 @click.option("--roles", required=True, help="Comma-separated: submit, read, admin.")
 def keys_create(tenant: str, roles: str) -> None:
     """Create a key; it is printed once, alone on the last line, and cannot be shown again."""
-    from producers.api_keys import parse_roles
+    from inferq.producers.api_keys import parse_roles
 
     try:
         issued = _key_store().create(tenant, parse_roles(roles))
@@ -296,7 +297,7 @@ def keys_revoke(key_id: str) -> None:
 
 def _worker_cli() -> Any:
     try:
-        return importlib.import_module("workers.cli")
+        return importlib.import_module("inferq.workers.cli")
     except ModuleNotFoundError as e:
         raise click.ClickException(f"{_WORKER_EXTRA_HINT} ({e.name} is missing)") from e
 
@@ -348,7 +349,7 @@ def _split(text: str | None) -> list[str] | None:
 @click.option("--once", is_flag=True, help="Run one pass and print what it did.")
 def reconciler(once: bool) -> None:
     """Recover jobs of dead workers, lost messages and retries; expire late jobs. Safe to run many."""
-    from producers.operations import run_reconciler
+    from inferq.producers.operations import run_reconciler
 
     sys.exit(run_reconciler(Settings(), once=once))
 
@@ -358,9 +359,9 @@ def reconciler(once: bool) -> None:
 @click.option("--loglevel", default="info", show_default=True)
 def callbacks(threads: int, loglevel: str) -> None:
     """Deliver job callbacks (a torch-free Celery worker on the inferq-callbacks queue)."""
-    from protocol.keys import CALLBACK_QUEUE
+    from inferq.protocol.keys import CALLBACK_QUEUE
 
-    argv = [sys.executable, "-m", "celery", "-A", "producers.celery_app", "worker", "-Q", CALLBACK_QUEUE]
+    argv = [sys.executable, "-m", "celery", "-A", "inferq.producers.celery_app", "worker", "-Q", CALLBACK_QUEUE]
     argv += ["-P", "threads", "-c", str(threads), "-n", f"inferq-callbacks-{os.getpid()}@%h", "-l", loglevel]
     argv += ["--without-mingle", "--without-gossip"]
     os.execv(sys.executable, argv)  # noqa: S606
@@ -374,7 +375,7 @@ def dead_letter() -> None:
 @dead_letter.command(name="list")
 def dead_letter_list() -> None:
     """One JSON line per dead-lettered job."""
-    from producers.operations import dead_letter_rows
+    from inferq.producers.operations import dead_letter_rows
 
     for row in dead_letter_rows(Settings()):
         _print_json(row)
@@ -385,7 +386,7 @@ def dead_letter_list() -> None:
 @click.option("--all", "requeue_all", is_flag=True, help="Requeue every dead-lettered job.")
 def dead_letter_requeue(job_ids: tuple[str, ...], requeue_all: bool) -> None:
     """Put dead-lettered jobs back in their queue with fresh attempts."""
-    from producers.operations import requeue_dead_letters
+    from inferq.producers.operations import requeue_dead_letters
 
     outcomes = requeue_dead_letters(Settings(), list(job_ids), everything=requeue_all)
     for job_id, outcome in outcomes.items():
@@ -405,7 +406,7 @@ def predict(files: tuple[Path, ...], model: str) -> None:
 @click.option("--exit-after-samples", is_flag=True, help="Stop once the samples are done (scripts, tests).")
 def demo(exit_after_samples: bool) -> None:
     """Start Redis (unless configured), a worker, the API and Flower; submit sample X-rays; print findings."""
-    from producers.demo import run_demo
+    from inferq.producers.demo import run_demo
 
     sys.exit(run_demo(Settings(), stay_up=not exit_after_samples))
 

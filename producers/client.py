@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import httpx
 
-from protocol.errors import RemoteError
+from inferq.protocol.errors import RemoteError
 
 FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "expired"})
 RETRYABLE_HTTP_STATUSES = frozenset({429, 503})

@@ -14,14 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from config import Settings
-from producers.api_keys import ApiKeyStore
-from producers.client import InferqClient
-from producers.redis_server import EmbeddedRedis, free_port, port_is_free
-from producers.samples import write_samples
-from producers.stack import ServiceStack
-from protocol.connections import redact_url, redis_client
-from protocol.errors import InferqError
+from inferq.config import Settings
+from inferq.producers.api_keys import ApiKeyStore
+from inferq.producers.client import InferqClient
+from inferq.producers.redis_server import EmbeddedRedis, free_port, port_is_free
+from inferq.producers.samples import write_samples
+from inferq.producers.stack import ServiceStack
+from inferq.protocol.connections import redact_url, redis_client
+from inferq.protocol.errors import InferqError
 
 _API_READY_TIMEOUT_S = 90.0
 _JOBS_TIMEOUT_S = 900.0

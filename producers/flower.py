@@ -4,7 +4,7 @@ Flower's HTTP API can shut workers down, resize and restart their pools, add and
 rate-limit and time-limit tasks, and send arbitrary tasks with arbitrary arguments. Basic auth has a single role,
 so anyone who may look could also do all of that; inferq removes those routes before Flower starts, leaving a
 read-only dashboard (the UI's control buttons then answer 404). Operators control workers with
-`celery -A producers.celery_app control ...` from a host that holds the Redis password.
+`celery -A inferq.producers.celery_app control ...` from a host that holds the Redis password.
 
 The credentials reach Flower through its `FLOWER_BASIC_AUTH` environment variable, never a command line that
 `ps` would show.
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 
-from config import Settings
-from protocol.errors import ConfigError
+from inferq.config import Settings
+from inferq.protocol.errors import ConfigError
 
 # Route patterns of Flower 2.x (flower/urls.py) that change state; the read-only API (workers, tasks, task info
 # and results, queue lengths) stays.
@@ -63,7 +63,7 @@ def basic_auth(settings: Settings) -> str:
 def run_flower(settings: Settings) -> None:
     """Serve Flower in this process (Ctrl-C and service managers reach it) until it stops."""
     credentials = basic_auth(settings)
-    from producers.celery_app import app
+    from inferq.producers.celery_app import app
 
     remove_control_routes()
     os.environ["FLOWER_BASIC_AUTH"] = credentials

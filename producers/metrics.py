@@ -19,14 +19,14 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from config import Settings
-from producers.readiness import HEARTBEAT_STALE_S
-from protocol.celery_config import broker_kind, build_celery, stage_queue_names
-from protocol.connections import open_stores
-from protocol.errors import InferqError
-from protocol.keys import consumers_key, dead_letter_key, job_key, leases_key, queue_lists, worker_slots_key
-from protocol.metrics import REDIS_COUNTERS, read_counts, recent_failures
-from protocol.registry import ModelSpec, Registry, load_registry
+from inferq.config import Settings
+from inferq.producers.readiness import HEARTBEAT_STALE_S
+from inferq.protocol.celery_config import broker_kind, build_celery, stage_queue_names
+from inferq.protocol.connections import open_stores
+from inferq.protocol.errors import InferqError
+from inferq.protocol.keys import consumers_key, dead_letter_key, job_key, leases_key, queue_lists, worker_slots_key
+from inferq.protocol.metrics import REDIS_COUNTERS, read_counts, recent_failures
+from inferq.protocol.registry import ModelSpec, Registry, load_registry
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ class StatusRow:
 
 def status_rows(settings: Settings, *, minutes: int) -> list[StatusRow]:
     """Read the whole cluster from Redis (an operator command: it needs INFERQ_REDIS_URL, not an API key)."""
-    from producers.submit import JobSubmitter
+    from inferq.producers.submit import JobSubmitter
 
     registry = load_registry(settings.registry_path)
     stores = open_stores(

@@ -8,14 +8,14 @@ import signal
 import threading
 from typing import Any
 
-from config import Settings
-from producers.reconciler import Reconciler
-from protocol.celery_config import build_celery
-from protocol.connections import Stores, open_stores
-from protocol.jobs import JobStore
-from protocol.keys import dead_letter_key, job_key
-from protocol.logs import configure_logging
-from protocol.registry import load_registry
+from inferq.config import Settings
+from inferq.producers.reconciler import Reconciler
+from inferq.protocol.celery_config import build_celery
+from inferq.protocol.connections import Stores, open_stores
+from inferq.protocol.jobs import JobStore
+from inferq.protocol.keys import dead_letter_key, job_key
+from inferq.protocol.logs import configure_logging
+from inferq.protocol.registry import load_registry
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from types import TracebackType
 
 from kombu import Connection
 
-from producers.redis_server import free_port
-from protocol.errors import BackendUnavailable
+from inferq.producers.redis_server import free_port
+from inferq.protocol.errors import BackendUnavailable
 
 _START_TIMEOUT_S = 90.0
 _SERVER_SCRIPT = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")

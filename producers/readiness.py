@@ -1,14 +1,14 @@
 """Which models have a live worker: every worker process heartbeats each queue it consumes into Redis (see
 `workers.leases`), so readiness is a read of those heartbeats, not a broadcast to the workers. A model's tenant
-sub-queues (protocol.fairness) are consumed together with their base queue (`workers.app`), so the base queue's
+sub-queues (protocol.fairness) are consumed together with their base queue (`inferq.workers.app`), so the base queue's
 heartbeats count for them all."""
 
 from __future__ import annotations
 
-from config import Settings
-from protocol.connections import Stores
-from protocol.keys import consumers_key
-from protocol.registry import Registry
+from inferq.config import Settings
+from inferq.protocol.connections import Stores
+from inferq.protocol.keys import consumers_key
+from inferq.protocol.registry import Registry
 
 # A worker heartbeats every lease_s / 4 (5 s by default); three missed beats and it counts as gone.
 HEARTBEAT_STALE_S = 15.0

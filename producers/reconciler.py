@@ -24,12 +24,12 @@ from typing import Any
 import redis
 from celery import Celery
 
-from config import Settings
-from protocol.celery_config import entry_queue, entry_task, model_queue_names
-from protocol.connections import Stores
-from protocol.fairness import publish_options
-from protocol.jobs import JobStore
-from protocol.keys import (
+from inferq.config import Settings
+from inferq.protocol.celery_config import entry_queue, entry_task, model_queue_names
+from inferq.protocol.connections import Stores
+from inferq.protocol.fairness import publish_options
+from inferq.protocol.jobs import JobStore
+from inferq.protocol.keys import (
     CALLBACK_QUEUE,
     CALLBACK_TASK,
     KOMBU_UNACKED_HASH,
@@ -43,8 +43,8 @@ from protocol.keys import (
     retries_key,
     task_name_for,
 )
-from protocol.priority import stored_priority
-from protocol.registry import Registry
+from inferq.protocol.priority import stored_priority
+from inferq.protocol.registry import Registry
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from types import TracebackType
 
 import redis
 
-from protocol.errors import BackendUnavailable
+from inferq.protocol.errors import BackendUnavailable
 
 _START_TIMEOUT_S = 20.0
 

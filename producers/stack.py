@@ -1,6 +1,6 @@
 """A single-host stack of inferq services in subprocesses (worker, API, Flower), for the demo and the tests.
 
-Each service runs as `python -m producers.cli ...` in its own process group, so stopping it also stops the
+Each service runs as `python -m inferq.producers.cli ...` in its own process group, so stopping it also stops the
 worker's pool children.
 """
 
@@ -17,7 +17,7 @@ from types import TracebackType
 
 import httpx
 
-from protocol.errors import BackendUnavailable
+from inferq.protocol.errors import BackendUnavailable
 
 _STOP_TIMEOUT_S = 20.0
 
@@ -32,7 +32,7 @@ class ServiceStack:
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         """Start `inferq ARGS...` as the service `name`."""
-        return self.start_command(name, [sys.executable, "-m", "producers.cli", *args])
+        return self.start_command(name, [sys.executable, "-m", "inferq.producers.cli", *args])
 
     def start_command(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -18,16 +18,16 @@ from celery import Celery
 from kombu import Connection
 from kombu.exceptions import OperationalError
 
-from config import Settings
-from protocol.celery_config import broker_kind, entry_queue, entry_task, stage_queue_names
-from protocol.connections import Stores
-from protocol.errors import BackendUnavailable, ClientError, InferqError, InvalidRequest, QueueFull
-from protocol.fairness import publish_options
-from protocol.intake import FileUpload, TensorUpload, ValidatedInput, validate_input
-from protocol.jobs import JobStatus, NewJob, new_job_id
-from protocol.keys import idempotency_token, queue_lists, tenant_queues
-from protocol.priority import DEFAULT_PRIORITY, Priority, parse_priority
-from protocol.registry import ModelSpec, Registry
+from inferq.config import Settings
+from inferq.protocol.celery_config import broker_kind, entry_queue, entry_task, stage_queue_names
+from inferq.protocol.connections import Stores
+from inferq.protocol.errors import BackendUnavailable, ClientError, InferqError, InvalidRequest, QueueFull
+from inferq.protocol.fairness import publish_options
+from inferq.protocol.intake import FileUpload, TensorUpload, ValidatedInput, validate_input
+from inferq.protocol.jobs import JobStatus, NewJob, new_job_id
+from inferq.protocol.keys import idempotency_token, queue_lists, tenant_queues
+from inferq.protocol.priority import DEFAULT_PRIORITY, Priority, parse_priority
+from inferq.protocol.registry import ModelSpec, Registry
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import Any, Literal
 import redis
 import redis.asyncio as aredis
 
-from protocol.jobs import JobStatus
-from protocol.keys import done_channel
+from inferq.protocol.jobs import JobStatus
+from inferq.protocol.keys import done_channel
 
 log = logging.getLogger(__name__)
 

@@ -4,6 +4,6 @@ Only the error tree is re-exported here: importing this package must not pull in
 client (`from inferq import InferqClient`) installs and imports with nothing but its HTTP and CLI dependencies.
 """
 
-from protocol.errors import InferqError, RemoteError
+from inferq.protocol.errors import InferqError, RemoteError
 
 __all__ = ["InferqError", "RemoteError"]

@@ -7,8 +7,8 @@ from typing import Protocol
 
 import redis
 
-from protocol.errors import BlobMissing
-from protocol.keys import blob_key
+from inferq.protocol.errors import BlobMissing
+from inferq.protocol.keys import blob_key
 
 
 class BlobStore(Protocol):

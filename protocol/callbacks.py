@@ -26,10 +26,10 @@ import httpx
 from celery import Celery
 from standardwebhooks.webhooks import Webhook
 
-from config import Settings
-from protocol.connections import Stores, open_stores
-from protocol.jobs import render_view
-from protocol.keys import CALLBACK_TASK, job_key
+from inferq.config import Settings
+from inferq.protocol.connections import Stores, open_stores
+from inferq.protocol.jobs import render_view
+from inferq.protocol.keys import CALLBACK_TASK, job_key
 
 log = logging.getLogger(__name__)
 

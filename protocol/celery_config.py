@@ -10,10 +10,10 @@ from typing import Any, Literal
 from celery import Celery
 from kombu import Exchange, Queue
 
-from config import Settings
-from protocol.connections import tls_options
-from protocol.errors import ConfigError
-from protocol.keys import (
+from inferq.config import Settings
+from inferq.protocol.connections import tls_options
+from inferq.protocol.errors import ConfigError
+from inferq.protocol.keys import (
     CALLBACK_QUEUE,
     CALLBACK_TASK,
     KOMBU_PRIORITY_SEPARATOR,
@@ -24,7 +24,7 @@ from protocol.keys import (
     task_name_for,
     tenant_queues,
 )
-from protocol.registry import ModelSpec, Registry
+from inferq.protocol.registry import ModelSpec, Registry
 
 # Jobs one worker process holds at once, by default: one batch. Holding a second batch while the first computes
 # (as before) let that second batch of routine jobs, fetched before a STAT job arrived, run ahead of it; holding one,

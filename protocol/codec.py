@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from protocol.errors import InvalidTensor
-from protocol.registry import TensorInput
+from inferq.protocol.errors import InvalidTensor
+from inferq.protocol.registry import TensorInput
 
 _NUMPY_DTYPES: dict[str, type[np.generic]] = {
     "FP32": np.float32,

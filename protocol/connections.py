@@ -15,8 +15,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from protocol.blobs import RedisBlobStore
-from protocol.jobs import JobStore
+from inferq.protocol.blobs import RedisBlobStore
+from inferq.protocol.jobs import JobStore
 
 _SOCKET_TIMEOUT_S = 10.0
 _CONNECT_TIMEOUT_S = 5.0

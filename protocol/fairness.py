@@ -17,10 +17,10 @@ import hashlib
 import random
 from typing import Any
 
-from config import Settings
-from protocol.celery_config import broker_kind
-from protocol.keys import tenant_queue
-from protocol.priority import Priority, broker_priority
+from inferq.config import Settings
+from inferq.protocol.celery_config import broker_kind
+from inferq.protocol.keys import tenant_queue
+from inferq.protocol.priority import Priority, broker_priority
 
 
 def tenant_buckets(tenant: str, *, buckets: int, weight: int = 1) -> list[int]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from config import Settings
-from protocol.codec import TensorPayload, decode_tensor, select_input, tensor_to_bytes
-from protocol.errors import InvalidRequest, PayloadTooLarge, UnsupportedMedia
-from protocol.media import check_fits, probe
-from protocol.registry import ModelSpec
+from inferq.config import Settings
+from inferq.protocol.codec import TensorPayload, decode_tensor, select_input, tensor_to_bytes
+from inferq.protocol.errors import InvalidRequest, PayloadTooLarge, UnsupportedMedia
+from inferq.protocol.media import check_fits, probe
+from inferq.protocol.registry import ModelSpec
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ so an attempt whose lease lapsed (and whose job was taken over) can no longer wr
 
 from __future__ import annotations
 
-from protocol.keys import (
+from inferq.protocol.keys import (
     PREFIX,
     callbacks_key,
     dead_letter_key,

@@ -26,9 +26,9 @@ from typing import Any
 
 import redis
 
-from protocol import job_scripts
-from protocol.errors import JobNotCancellable, UnknownJob
-from protocol.keys import (
+from inferq.protocol import job_scripts
+from inferq.protocol.errors import JobNotCancellable, UnknownJob
+from inferq.protocol.keys import (
     blob_key,
     callbacks_key,
     dead_letter_key,

@@ -23,8 +23,8 @@ from typing import Any
 
 from celery.signals import after_setup_logger, after_setup_task_logger, task_postrun, task_prerun
 
-from config import Settings
-from protocol.keys import TASK_PREFIX
+from inferq.config import Settings
+from inferq.protocol.keys import TASK_PREFIX
 
 CONTEXT_FIELDS = ("job_id", "model", "tenant")
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

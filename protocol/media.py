@@ -49,7 +49,7 @@ from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from protocol.errors import (
+from inferq.protocol.errors import (
     ImageTooLarge,
     InferqError,
     InvalidImage,
@@ -58,7 +58,7 @@ from protocol.errors import (
     UnsupportedMedia,
     UnsupportedView,
 )
-from protocol.registry import ImageInput
+from inferq.protocol.registry import ImageInput
 
 # pydicom logs invalid element values verbatim at WARNING (e.g. "Invalid value for VR UI: '...'"), and element
 # values are patient data that must not reach our logs; its errors still get through.

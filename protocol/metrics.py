@@ -23,7 +23,7 @@ from collections import Counter as Tally
 import redis
 from prometheus_client import Counter, Histogram
 
-from protocol.keys import failures_key, stats_key
+from inferq.protocol.keys import failures_key, stats_key
 
 # Seconds: from a fast tensor job to one that waited in a queue for an hour.
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Literal
 
-from protocol.errors import InvalidRequest
+from inferq.protocol.errors import InvalidRequest
 
 
 class Priority(StrEnum):

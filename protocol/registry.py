@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from protocol.errors import ConfigError, UnknownModel
+from inferq.protocol.errors import ConfigError, UnknownModel
 
 _NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _SHA256_PATTERN = r"^[0-9a-f]{64}$"

@@ -50,20 +50,20 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))  # the naive Celery app
 import numpy as np
 import torch
 
-from config import Settings
-from producers.api_keys import ApiKeyStore
-from producers.client import InferqClient
-from producers.demo import fraud_example
-from producers.redis_server import EmbeddedRedis, free_port
-from producers.samples import SAMPLE_NAMES, write_samples
-from producers.stack import ServiceStack
-from protocol.codec import TensorPayload
-from protocol.connections import redis_client
-from protocol.intake import TensorUpload, validate_input
-from protocol.registry import ImageInput, load_registry
-from workers.inference import load_runner
-from workers.layout import usable_cpus
-from workers.weights import ensure_generated_weights
+from inferq.config import Settings
+from inferq.producers.api_keys import ApiKeyStore
+from inferq.producers.client import InferqClient
+from inferq.producers.demo import fraud_example
+from inferq.producers.redis_server import EmbeddedRedis, free_port
+from inferq.producers.samples import SAMPLE_NAMES, write_samples
+from inferq.producers.stack import ServiceStack
+from inferq.protocol.codec import TensorPayload
+from inferq.protocol.connections import redis_client
+from inferq.protocol.intake import TensorUpload, validate_input
+from inferq.protocol.registry import ImageInput, load_registry
+from inferq.workers.inference import load_runner
+from inferq.workers.layout import usable_cpus
+from inferq.workers.weights import ensure_generated_weights
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS_DIR = REPO_ROOT / "scripts"

@@ -1,6 +1,6 @@
 """Preprocessing cost per input kind against the model's own compute, on one core.
 
-For every sample (the six small ones and the detector-sized ones of `producers.samples`), times:
+For every sample (the six small ones and the detector-sized ones of `inferq.producers.samples`), times:
   full     decode at full resolution, present, fit and normalise (`read_picture` without a spec, then
            `to_model_input`)
   reduced  what workers and `inferq predict` run (`preprocess`): JPEG 2000 resolution levels and JPEG DCT
@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 import torch
 
-from config import Settings
-from producers.samples import write_large_samples, write_samples
-from protocol.registry import ImageInput, load_registry
-from workers.architectures import build_architecture
-from workers.imaging import preprocess, read_picture, to_model_input
+from inferq.config import Settings
+from inferq.producers.samples import write_large_samples, write_samples
+from inferq.protocol.registry import ImageInput, load_registry
+from inferq.workers.architectures import build_architecture
+from inferq.workers.imaging import preprocess, read_picture, to_model_input
 
 TARGET_SHARE = 0.25
 

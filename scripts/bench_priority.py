@@ -7,7 +7,7 @@
 2. Tenants: tenant A queues a flood, then tenant B queues a few. Prints how many of A's jobs finished after B's
    arrival and before B's last job (target < 100).
 
-One worker node (`celery -A workers.app worker -Q MODEL -P threads -c SLOTS`, SLOTS as `inferq worker` sets it)
+One worker node (`celery -A inferq.workers.app worker -Q MODEL -P threads -c SLOTS`, SLOTS as `inferq worker` sets it)
 on a private Redis; jobs are submitted in-process through `JobSubmitter`, the path every intake takes.
 
     .venv/bin/python scripts/bench_priority.py --model chest-xray            # 1,000 routine, 20 STAT; A 1,000, B 20
@@ -29,19 +29,19 @@ from pathlib import Path
 # The script runs from a checkout without the project installed as well: put the repo root first.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from config import Settings
-from producers.demo import fraud_example
-from producers.redis_server import EmbeddedRedis
-from producers.samples import write_samples
-from producers.stack import ServiceStack
-from producers.submit import JobSubmitter, SubmitItem, SubmitOptions
-from protocol.celery_config import build_celery, default_slots
-from protocol.codec import TensorPayload
-from protocol.connections import Stores, open_stores
-from protocol.fairness import tenant_buckets
-from protocol.intake import FileUpload, TensorUpload
-from protocol.priority import Priority
-from protocol.registry import load_registry
+from inferq.config import Settings
+from inferq.producers.demo import fraud_example
+from inferq.producers.redis_server import EmbeddedRedis
+from inferq.producers.samples import write_samples
+from inferq.producers.stack import ServiceStack
+from inferq.producers.submit import JobSubmitter, SubmitItem, SubmitOptions
+from inferq.protocol.celery_config import build_celery, default_slots
+from inferq.protocol.codec import TensorPayload
+from inferq.protocol.connections import Stores, open_stores
+from inferq.protocol.fairness import tenant_buckets
+from inferq.protocol.intake import FileUpload, TensorUpload
+from inferq.protocol.priority import Priority
+from inferq.protocol.registry import load_registry
 
 _POLL_S = 0.05
 
@@ -162,7 +162,18 @@ def main() -> None:
         tmp = Path(tmp_dir)
         with EmbeddedRedis(tmp / "redis") as redis_server:
             env = {**os.environ, "INFERQ_REDIS_URL": redis_server.url, "INFERQ_TORCH_THREADS": str(os.cpu_count())}
-            argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", args.model, "-P", "threads"]
+            argv = [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "inferq.workers.app",
+                "worker",
+                "-Q",
+                args.model,
+                "-P",
+                "threads",
+            ]
             argv += ["-n", "bench@%h", "--without-mingle", "--without-gossip", "-l", "warning"]
             bench = Bench(args.model, redis_server.url, tmp)
             # As `inferq worker` does: slots from this node's model, not from every model of the registry.

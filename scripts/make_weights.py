@@ -16,10 +16,10 @@ from pathlib import Path
 # installed: put the root first so that `config`, `protocol` and `workers` import from this checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from config.settings import Settings
-from protocol.errors import InferqError
-from protocol.registry import ModelSpec, load_registry
-from workers.weights import verify_checksum, write_weights
+from inferq.config.settings import Settings
+from inferq.protocol.errors import InferqError
+from inferq.protocol.registry import ModelSpec, load_registry
+from inferq.workers.weights import verify_checksum, write_weights
 
 
 def _parse_arguments(argv: list[str] | None) -> argparse.Namespace:

@@ -23,9 +23,9 @@ import torch
 from celery import Celery
 from celery.signals import worker_process_init
 
-from config import Settings
-from protocol.registry import load_registry
-from workers.inference import ModelRunner, load_runner
+from inferq.config import Settings
+from inferq.protocol.registry import load_registry
+from inferq.workers.inference import ModelRunner, load_runner
 
 CHEST_XRAY_TASK = "naive.chest_xray"
 FRAUD_TASK = "naive.fraud"

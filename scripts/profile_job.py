@@ -44,20 +44,20 @@ import numpy as np
 import redis
 import torch
 
-from config import Settings
-from producers.api_keys import ApiKeyStore
-from producers.client import InferqClient
-from producers.demo import fraud_example
-from producers.redis_server import EmbeddedRedis, free_port
-from producers.stack import ServiceStack
-from protocol.codec import TensorPayload
-from protocol.connections import redis_client
-from protocol.intake import TensorUpload, validate_input
-from protocol.keys import job_key
-from protocol.registry import load_registry
-from workers.inference import load_runner
-from workers.layout import usable_cpus
-from workers.weights import ensure_generated_weights
+from inferq.config import Settings
+from inferq.producers.api_keys import ApiKeyStore
+from inferq.producers.client import InferqClient
+from inferq.producers.demo import fraud_example
+from inferq.producers.redis_server import EmbeddedRedis, free_port
+from inferq.producers.stack import ServiceStack
+from inferq.protocol.codec import TensorPayload
+from inferq.protocol.connections import redis_client
+from inferq.protocol.intake import TensorUpload, validate_input
+from inferq.protocol.keys import job_key
+from inferq.protocol.registry import load_registry
+from inferq.workers.inference import load_runner
+from inferq.workers.layout import usable_cpus
+from inferq.workers.weights import ensure_generated_weights
 
 MODEL = "fraud"
 _STARTUP_TIMEOUT_S = 300.0

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from producers.redis_server import EmbeddedRedis
+from inferq.producers.redis_server import EmbeddedRedis
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Database 0 belongs to the end-to-end stack; unit tests take 1..15 in turn and empty theirs afterwards.

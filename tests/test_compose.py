@@ -6,7 +6,7 @@ from typing import Any
 
 import yaml
 
-from producers.cli import main as inferq_cli
+from inferq.producers.cli import main as inferq_cli
 from tests.conftest import REPO_ROOT
 
 

@@ -10,10 +10,10 @@ import click
 import pytest
 import yaml
 
-from config import DEFAULT_REGISTRY_PATH
-from producers.cli import main as cli_main
-from protocol.keys import queue_for
-from protocol.registry import load_registry
+from inferq.config import DEFAULT_REGISTRY_PATH
+from inferq.producers.cli import main as cli_main
+from inferq.protocol.keys import queue_for
+from inferq.protocol.registry import load_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"

@@ -8,16 +8,16 @@ import sys
 from tests.conftest import REPO_ROOT
 
 _CLIENT_MODULES = [
-    "producers",
-    "producers.api",
-    "producers.cli",
-    "producers.client",
-    "producers.submit",
-    "producers.demo",
-    "producers.celery_app",
-    "protocol.media",
-    "protocol.intake",
-    "protocol.celery_config",
+    "inferq.producers",
+    "inferq.producers.api",
+    "inferq.producers.cli",
+    "inferq.producers.client",
+    "inferq.producers.submit",
+    "inferq.producers.demo",
+    "inferq.producers.celery_app",
+    "inferq.protocol.media",
+    "inferq.protocol.intake",
+    "inferq.protocol.celery_config",
 ]
 
 
@@ -25,9 +25,10 @@ def test_producers_and_the_api_never_import_torch() -> None:
     code = (
         "import sys\n"
         + "".join(f"import {m}\n" for m in _CLIENT_MODULES)
-        + "from producers.api import create_app\n"
+        + "from inferq.producers.api import create_app\n"
         + "create_app()\n"
-        + "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'workers', 'safetensors'))\n"
+        + "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'safetensors')"
+        + " or m.startswith('inferq.workers'))\n"
         + "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=120)

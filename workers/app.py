@@ -1,5 +1,5 @@
-"""The worker's Celery app: `celery -A workers.app worker -Q chest-xray` (or `inferq worker`, which starts one such
-node per usable CPU).
+"""The worker's Celery app: `celery -A inferq.workers.app worker -Q chest-xray` (or `inferq worker`, which starts
+one such node per usable CPU).
 
 A node picks the models of the queues it consumes, checks their weights, loads and warms them, and starts its
 batchers and lease keeper before it takes a job. Its pool is threads: one thread per job it holds, so that jobs
@@ -18,18 +18,18 @@ from typing import Any
 from celery.concurrency.prefork import TaskPool as PreforkPool
 from celery.signals import celeryd_after_setup, worker_process_init, worker_shutdown
 
-from config import Settings
-from protocol.callbacks import register_callback_task
-from protocol.celery_config import build_celery, model_queue_names
-from protocol.errors import InferqError
-from protocol.fairness import publish_options
-from protocol.jobs import Claim
-from protocol.keys import CALLBACK_QUEUE, CALLBACK_TASK, task_name_for, tenant_queues
-from protocol.logs import connect_celery_logging
-from protocol.priority import stored_priority
-from protocol.registry import load_registry
-from workers.runtime import WorkerRuntime, require_cuda
-from workers.tasks import register_tasks
+from inferq.config import Settings
+from inferq.protocol.callbacks import register_callback_task
+from inferq.protocol.celery_config import build_celery, model_queue_names
+from inferq.protocol.errors import InferqError
+from inferq.protocol.fairness import publish_options
+from inferq.protocol.jobs import Claim
+from inferq.protocol.keys import CALLBACK_QUEUE, CALLBACK_TASK, task_name_for, tenant_queues
+from inferq.protocol.logs import connect_celery_logging
+from inferq.protocol.priority import stored_priority
+from inferq.protocol.registry import load_registry
+from inferq.workers.runtime import WorkerRuntime, require_cuda
+from inferq.workers.tasks import register_tasks
 
 log = logging.getLogger(__name__)
 

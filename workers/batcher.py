@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from protocol.errors import InferqError
-from protocol.metrics import record_batch
+from inferq.protocol.errors import InferqError
+from inferq.protocol.metrics import record_batch
 
 log = logging.getLogger(__name__)
 

@@ -11,17 +11,17 @@ from typing import Any
 import click
 import torch
 
-from config import Settings
-from protocol.celery_config import default_slots
-from protocol.codec import TensorPayload
-from protocol.errors import InferqError, InvalidRequest, ModelLoadError
-from protocol.intake import FileUpload, TensorUpload, validate_input
-from protocol.registry import ModelSpec, load_registry
-from workers.inference import load_runner
-from workers.layout import default_processes, usable_cpus
-from workers.runtime import require_cuda
-from workers.supervisor import Supervisor, node_specs
-from workers.weights import ensure_generated_weights
+from inferq.config import Settings
+from inferq.protocol.celery_config import default_slots
+from inferq.protocol.codec import TensorPayload
+from inferq.protocol.errors import InferqError, InvalidRequest, ModelLoadError
+from inferq.protocol.intake import FileUpload, TensorUpload, validate_input
+from inferq.protocol.registry import ModelSpec, load_registry
+from inferq.workers.inference import load_runner
+from inferq.workers.layout import default_processes, usable_cpus
+from inferq.workers.runtime import require_cuda
+from inferq.workers.supervisor import Supervisor, node_specs
+from inferq.workers.weights import ensure_generated_weights
 
 
 def _selected_models(settings: Settings, pool: str, models: list[str] | None) -> list[ModelSpec]:
@@ -49,7 +49,7 @@ def run_worker(
         if pool == "gpu":
             require_cuda()
     except InferqError as e:
-        # Say why and exit non-zero, as the plain `celery -A workers.app worker` form does.
+        # Say why and exit non-zero, as the plain `celery -A inferq.workers.app worker` form does.
         print(f"inferq worker cannot start: {e.message}", file=sys.stderr, flush=True)
         return EX_CONFIG
     if not stage_queues(specs, stage):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.export.pt2_archive import constants as pt2
 
-from protocol.errors import ModelLoadError
+from inferq.protocol.errors import ModelLoadError
 
 # Payloads that are compiled code rather than a graph of torch operators.
 _NATIVE_CODE_DIRS = (pt2.AOTINDUCTOR_DIR, pt2.EXECUTORCH_DIR, pt2.MTIA_DIR)

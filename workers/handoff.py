@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from protocol.errors import InvalidRequest
-from protocol.media import ImageInfo
+from inferq.protocol.errors import InvalidRequest
+from inferq.protocol.media import ImageInfo
 
 _IMAGE_INFO_FIELDS = {f.name for f in fields(ImageInfo)}
 

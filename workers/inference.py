@@ -9,13 +9,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from config import Settings
-from protocol.codec import encode_tensor, tensor_from_bytes
-from protocol.errors import InferenceError
-from protocol.media import ImageInfo
-from protocol.registry import ImageInput, ModelSpec
-from workers.imaging import preprocess
-from workers.weights import load_model
+from inferq.config import Settings
+from inferq.protocol.codec import encode_tensor, tensor_from_bytes
+from inferq.protocol.errors import InferenceError
+from inferq.protocol.media import ImageInfo
+from inferq.protocol.registry import ImageInput, ModelSpec
+from inferq.workers.imaging import preprocess
+from inferq.workers.weights import load_model
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 UNTRAINED_WARNING = "untrained weights: these numbers carry no medical or financial meaning"

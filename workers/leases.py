@@ -18,9 +18,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from protocol.errors import TimeLimitExceeded
-from protocol.jobs import JobStatus, JobStore, Outcome
-from protocol.keys import consumers_key, worker_slots_key
+from inferq.protocol.errors import TimeLimitExceeded
+from inferq.protocol.jobs import JobStatus, JobStore, Outcome
+from inferq.protocol.keys import consumers_key, worker_slots_key
 
 log = logging.getLogger(__name__)
 

@@ -17,17 +17,17 @@ from collections.abc import Callable
 import redis
 import torch
 
-from config import Settings
-from protocol.connections import Stores, open_stores, redis_client
-from protocol.errors import ModelLoadError
-from protocol.jobs import Claim
-from protocol.keys import blob_key
-from protocol.registry import ModelSpec, Registry
-from workers.batcher import DynamicBatcher
-from workers.inference import ModelRunner, load_runner
-from workers.layout import usable_cpus
-from workers.leases import LeaseKeeper
-from workers.weights import ensure_generated_weights
+from inferq.config import Settings
+from inferq.protocol.connections import Stores, open_stores, redis_client
+from inferq.protocol.errors import ModelLoadError
+from inferq.protocol.jobs import Claim
+from inferq.protocol.keys import blob_key
+from inferq.protocol.registry import ModelSpec, Registry
+from inferq.workers.batcher import DynamicBatcher
+from inferq.workers.inference import ModelRunner, load_runner
+from inferq.workers.layout import usable_cpus
+from inferq.workers.leases import LeaseKeeper
+from inferq.workers.weights import ensure_generated_weights
 
 log = logging.getLogger(__name__)
 

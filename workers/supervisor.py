@@ -1,8 +1,9 @@
 """`inferq worker`: one Celery worker node per usable CPU (or per GPU), kept running.
 
-Each node is a plain `celery -A workers.app worker` process with its own name, a threads pool sized to the jobs it
-may batch, and its own torch thread count; the supervisor starts them, starts again any that dies (the jobs it held
-run again once their leases lapse), and on SIGTERM or SIGINT lets every node finish or hand back what it holds.
+Each node is a plain `celery -A inferq.workers.app worker` process with its own name, a threads pool sized to the
+jobs it may batch, and its own torch thread count; the supervisor starts them, starts again any that dies (the jobs
+it held run again once their leases lapse), and on SIGTERM or SIGINT lets every node finish or hand back what it
+holds.
 This is process management, as `celery multi` or a service manager does it; the broker still hands out the work.
 
 Metrics: the nodes run prometheus-client in multiprocess mode, writing to a folder the supervisor makes fresh for
@@ -171,7 +172,18 @@ def node_specs(
     devices = gpus or [None] * processes  # type: ignore[list-item]
     for index, device in enumerate(devices):
         name = f"inferq-{pool}-{index}-{os.getpid()}@%h"
-        argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", ",".join(queues), "-n", name]
+        argv = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "inferq.workers.app",
+            "worker",
+            "-Q",
+            ",".join(queues),
+            "-n",
+            name,
+        ]
         argv += ["-P", "threads", "-c", str(slots), "-l", loglevel, "--without-mingle", "--without-gossip"]
         env = {
             **os.environ,

@@ -19,23 +19,23 @@ import numpy as np
 import redis
 from celery import Celery
 
-from protocol.errors import (
+from inferq.protocol.errors import (
     BackendUnavailable,
     BlobMissing,
     InferenceError,
     InferqError,
     TimeLimitExceeded,
 )
-from protocol.jobs import Claim, JobStatus, Outcome
-from protocol.keys import prep_task_name_for, task_name_for
-from protocol.metrics import record_claim, record_outcome
-from protocol.priority import stored_priority
-from protocol.registry import ModelSpec, Registry
-from workers.batcher import BatchOutput, Fenced
-from workers.handoff import pack, unpack
-from workers.inference import build_result, prepare_input
-from workers.metrics import record_gpu_memory
-from workers.runtime import WorkerRuntime, retry_backoff_s
+from inferq.protocol.jobs import Claim, JobStatus, Outcome
+from inferq.protocol.keys import prep_task_name_for, task_name_for
+from inferq.protocol.metrics import record_claim, record_outcome
+from inferq.protocol.priority import stored_priority
+from inferq.protocol.registry import ModelSpec, Registry
+from inferq.workers.batcher import BatchOutput, Fenced
+from inferq.workers.handoff import pack, unpack
+from inferq.workers.inference import build_result, prepare_input
+from inferq.workers.metrics import record_gpu_memory
+from inferq.workers.runtime import WorkerRuntime, retry_backoff_s
 
 log = logging.getLogger(__name__)
 

@@ -27,11 +27,11 @@ import torch.export.passes
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
-from config.settings import Settings
-from protocol.errors import ChecksumMismatch, InferqError, ModelLoadError
-from protocol.registry import ModelSpec
-from workers.architectures import build_architecture
-from workers.export_archive import load_export_archive
+from inferq.config.settings import Settings
+from inferq.protocol.errors import ChecksumMismatch, InferqError, ModelLoadError
+from inferq.protocol.registry import ModelSpec
+from inferq.workers.architectures import build_architecture
+from inferq.workers.export_archive import load_export_archive
 
 __all__ = [
     "ensure_generated_weights",

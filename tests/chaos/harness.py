@@ -24,18 +24,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from config import DEFAULT_REGISTRY_PATH, Settings
-from producers.demo import fraud_example
-from producers.redis_server import EmbeddedRedis, free_port
-from producers.samples import write_samples
-from producers.stack import ServiceStack
-from producers.submit import JobSubmitter, SubmitOptions
-from protocol.celery_config import build_celery
-from protocol.codec import TensorPayload
-from protocol.connections import Stores, open_stores
-from protocol.intake import FileUpload, TensorUpload, validate_input
-from protocol.jobs import FINAL_STATUSES, new_job_id
-from protocol.registry import load_registry
+from inferq.config import DEFAULT_REGISTRY_PATH, Settings
+from inferq.producers.demo import fraud_example
+from inferq.producers.redis_server import EmbeddedRedis, free_port
+from inferq.producers.samples import write_samples
+from inferq.producers.stack import ServiceStack
+from inferq.producers.submit import JobSubmitter, SubmitOptions
+from inferq.protocol.celery_config import build_celery
+from inferq.protocol.codec import TensorPayload
+from inferq.protocol.connections import Stores, open_stores
+from inferq.protocol.intake import FileUpload, TensorUpload, validate_input
+from inferq.protocol.jobs import FINAL_STATUSES, new_job_id
+from inferq.protocol.registry import load_registry
 from tests.callback_receiver import CALLBACK_SECRET, CallbackReceiver
 
 _RECORDED = re.compile(r"job ([0-9a-f]{32}) recorded (\w+)")

@@ -73,7 +73,7 @@ def test_an_input_that_kills_its_worker_is_dead_lettered_and_others_flow(chaos: 
 
 
 def _inferq(chaos: ChaosStack, *args: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "producers.cli", *args]
+    argv = [sys.executable, "-m", "inferq.producers.cli", *args]
     done = subprocess.run(argv, env=chaos.env, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     return done

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from config import DEFAULT_REDIS_URL, Settings
+from inferq.config import DEFAULT_REDIS_URL, Settings
 
 
 def test_defaults_bind_to_loopback_and_use_a_local_redis(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from config import DEFAULT_REGISTRY_PATH, Settings
-from producers.api_keys import ApiKeyStore
-from producers.client import InferqClient
-from producers.rabbitmq_server import EmbeddedRabbitMQ, find_rabbitmq_server
-from producers.redis_server import EmbeddedRedis, free_port
-from producers.samples import write_samples
-from producers.stack import ServiceStack
-from protocol.connections import redis_client
+from inferq.config import DEFAULT_REGISTRY_PATH, Settings
+from inferq.producers.api_keys import ApiKeyStore
+from inferq.producers.client import InferqClient
+from inferq.producers.rabbitmq_server import EmbeddedRabbitMQ, find_rabbitmq_server
+from inferq.producers.redis_server import EmbeddedRedis, free_port
+from inferq.producers.samples import write_samples
+from inferq.producers.stack import ServiceStack
+from inferq.protocol.connections import redis_client
 from tests.callback_receiver import CALLBACK_SECRET
 
 _READY_TIMEOUT_S = 120.0
@@ -61,7 +61,7 @@ class Stack:
 
 
 def _test_registry(tmp: Path) -> Path:
-    from protocol.registry import load_registry
+    from inferq.protocol.registry import load_registry
 
     fraud_sha = load_registry(DEFAULT_REGISTRY_PATH).get_model("fraud").sha256
     path = tmp / "models.toml"
@@ -91,7 +91,7 @@ def stack(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory)
     }
     services = ServiceStack(env, tmp / "logs")
     services.start("worker", "worker", "--pool", "cpu", "--models", "chest-xray,fraud", "--concurrency", "1")
-    celery_argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "fraud-celery"]
+    celery_argv = [sys.executable, "-m", "celery", "-A", "inferq.workers.app", "worker", "-Q", "fraud-celery"]
     services.start_command("celery-worker", [*celery_argv, "--pool", "solo", "-n", "plain@%h", "-l", "info"])
     services.start("api", "api")
     services.start("reconciler", "reconciler")

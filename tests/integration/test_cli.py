@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def _inferq(stack: Stack, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "producers.cli", *args]
+    argv = [sys.executable, "-m", "inferq.producers.cli", *args]
     env = {**stack.env, "INFERQ_API_URL": stack.api_url}
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
 
@@ -54,7 +54,7 @@ def test_the_gpu_pool_refuses_to_start_without_a_gpu(stack: Stack) -> None:
     assert done.returncode != 0
     assert "CUDA" in done.stderr
     # The plain Celery form, asked for CUDA through the settings, refuses the same way.
-    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "chest-xray"]
+    argv = [sys.executable, "-m", "celery", "-A", "inferq.workers.app", "worker", "-Q", "chest-xray"]
     env = {**stack.env, "INFERQ_DEVICE": "cuda"}
     plain = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180, check=False)
     assert plain.returncode != 0 and "CUDA" in plain.stderr

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from producers.demo import fraud_example
-from protocol.errors import RemoteError
+from inferq.producers.demo import fraud_example
+from inferq.protocol.errors import RemoteError
 from tests.callback_receiver import CallbackReceiver
 from tests.integration.conftest import Stack
 

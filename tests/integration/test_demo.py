@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from producers.samples import SAMPLE_NAMES
+from inferq.producers.samples import SAMPLE_NAMES
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def test_the_demo_starts_its_own_redis_serves_the_samples_and_stops(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
     env |= {"INFERQ_DATA_DIR": str(tmp_path / "data"), "INFERQ_API_PORT": "0", "INFERQ_FLOWER_PORT": "0"}
-    argv = [sys.executable, "-m", "producers.cli", "demo", "--exit-after-samples"]
+    argv = [sys.executable, "-m", "inferq.producers.cli", "demo", "--exit-after-samples"]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout

@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from producers.demo import fraud_example
-from protocol.errors import RemoteError
+from inferq.producers.demo import fraud_example
+from inferq.protocol.errors import RemoteError
 from tests.integration.conftest import Stack
 
 pytestmark = pytest.mark.slow
@@ -20,7 +20,7 @@ _JOB_TIMEOUT_S = 300.0
 
 
 def _predict(stack: Stack, model: str, files: list[Path]) -> list[dict[str, Any]]:
-    argv = [sys.executable, "-m", "producers.cli", "predict", "--model", model, *map(str, files)]
+    argv = [sys.executable, "-m", "inferq.producers.cli", "predict", "--model", model, *map(str, files)]
     done = subprocess.run(argv, env=stack.env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads(line) for line in done.stdout.splitlines()]

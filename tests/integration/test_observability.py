@@ -14,16 +14,16 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from config import Settings
-from producers.demo import fraud_example
-from producers.redis_server import free_port
-from producers.stack import ServiceStack
-from producers.submit import JobSubmitter, SubmitOptions
-from protocol.celery_config import build_celery
-from protocol.codec import TensorPayload
-from protocol.connections import Stores, open_stores
-from protocol.intake import TensorUpload
-from protocol.registry import load_registry
+from inferq.config import Settings
+from inferq.producers.demo import fraud_example
+from inferq.producers.redis_server import free_port
+from inferq.producers.stack import ServiceStack
+from inferq.producers.submit import JobSubmitter, SubmitOptions
+from inferq.protocol.celery_config import build_celery
+from inferq.protocol.codec import TensorPayload
+from inferq.protocol.connections import Stores, open_stores
+from inferq.protocol.intake import TensorUpload
+from inferq.protocol.registry import load_registry
 from tests.integration.conftest import Stack
 
 _TIMEOUT_S = 180.0
@@ -92,7 +92,7 @@ def test_api_metrics_count_finished_jobs_per_model_without_job_ids(stack: Stack)
 
 def test_status_without_a_job_id_lists_every_queue(stack: Stack) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "producers.cli", "status"],
+        [sys.executable, "-m", "inferq.producers.cli", "status"],
         env=stack.env,
         capture_output=True,
         text=True,

@@ -13,8 +13,8 @@ import pytest
 import redis
 from kombu import Connection, Exchange
 
-from producers.demo import fraud_example
-from protocol.keys import blob_key, job_key, task_name_for
+from inferq.producers.demo import fraud_example
+from inferq.protocol.keys import blob_key, job_key, task_name_for
 from tests.conftest import dump_redis
 from tests.integration.conftest import Stack
 

@@ -10,10 +10,10 @@ import pytest
 from kombu import Connection, Queue
 from kombu.exceptions import OperationalError
 
-from config import Settings
-from producers.demo import fraud_example
-from protocol.celery_config import celery_config
-from protocol.registry import load_registry
+from inferq.config import Settings
+from inferq.producers.demo import fraud_example
+from inferq.protocol.celery_config import celery_config
+from inferq.protocol.registry import load_registry
 from tests.integration.conftest import Stack
 
 pytestmark = pytest.mark.slow

@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from config import Settings
-from producers.stack import ServiceStack
-from producers.submit import JobSubmitter, SubmitOptions
-from protocol.celery_config import build_celery
-from protocol.codec import TensorPayload
-from protocol.connections import Stores, open_stores
-from protocol.fairness import tenant_buckets
-from protocol.intake import TensorUpload
-from protocol.priority import Priority
-from protocol.registry import load_registry
+from inferq.config import Settings
+from inferq.producers.stack import ServiceStack
+from inferq.producers.submit import JobSubmitter, SubmitOptions
+from inferq.protocol.celery_config import build_celery
+from inferq.protocol.codec import TensorPayload
+from inferq.protocol.connections import Stores, open_stores
+from inferq.protocol.fairness import tenant_buckets
+from inferq.protocol.intake import TensorUpload
+from inferq.protocol.priority import Priority
+from inferq.protocol.registry import load_registry
 
 _BUCKETS = 4
 _FINISH_TIMEOUT_S = 180.0
@@ -66,7 +66,20 @@ def _run_one_slot_worker(settings: Settings, tmp_path: Path, job_ids: list[str],
     """A plain `celery worker -Q fraud` with one thread: it must take the tenant sub-queues too."""
     env = {**os.environ, "INFERQ_REDIS_URL": settings.redis_url_or_default, "INFERQ_TENANT_BUCKETS": str(_BUCKETS)}
     env["INFERQ_TORCH_THREADS"] = "1"
-    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "fraud", "-P", "threads", "-c", "1"]
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "inferq.workers.app",
+        "worker",
+        "-Q",
+        "fraud",
+        "-P",
+        "threads",
+        "-c",
+        "1",
+    ]
     argv += ["-n", f"order-{os.getpid()}@%h", "--without-mingle", "--without-gossip", "-l", "info"]
     with ServiceStack(env, tmp_path / "logs") as services:
         services.start_command("worker", argv)

@@ -14,17 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from config import DEFAULT_REGISTRY_PATH, Settings
-from producers.redis_server import EmbeddedRedis
-from producers.samples import write_samples
-from producers.stack import ServiceStack
-from producers.submit import JobSubmitter, SubmitOptions
-from protocol.celery_config import build_celery
-from protocol.connections import open_stores
-from protocol.intake import FileUpload
-from protocol.jobs import FINAL_STATUSES, JobStore
-from protocol.priority import Priority
-from protocol.registry import load_registry
+from inferq.config import DEFAULT_REGISTRY_PATH, Settings
+from inferq.producers.redis_server import EmbeddedRedis
+from inferq.producers.samples import write_samples
+from inferq.producers.stack import ServiceStack
+from inferq.producers.submit import JobSubmitter, SubmitOptions
+from inferq.protocol.celery_config import build_celery
+from inferq.protocol.connections import open_stores
+from inferq.protocol.intake import FileUpload
+from inferq.protocol.jobs import FINAL_STATUSES, JobStore
+from inferq.protocol.priority import Priority
+from inferq.protocol.registry import load_registry
 from tests.integration.test_end_to_end import _assert_same_result
 
 pytestmark = pytest.mark.slow
@@ -98,7 +98,7 @@ def test_two_stages_give_the_same_results_as_one(stages: Stages) -> None:
         for p in stages.samples
     ]
     served = _wait(stages.jobs, job_ids)
-    argv = [sys.executable, "-m", "producers.cli", "predict", "--model", "xray-split", *map(str, stages.samples)]
+    argv = [sys.executable, "-m", "inferq.producers.cli", "predict", "--model", "xray-split", *map(str, stages.samples)]
     done = subprocess.run(argv, env=stages.env, capture_output=True, text=True, timeout=300, check=True)
     local = [json.loads(line) for line in done.stdout.splitlines()]
     for job, result in zip(served, local, strict=True):

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from producers.demo import fraud_example
+from inferq.producers.demo import fraud_example
 from tests.integration.conftest import Stack
 
 pytestmark = pytest.mark.slow
@@ -187,7 +187,7 @@ def test_cli_submit_of_a_folder_uses_one_bulk_request_and_waits(stack: Stack) ->
         (folder / path.name).write_bytes(path.read_bytes())
     (folder / "readme.txt").write_text("not an image")
     requests_before = _submissions(stack, "chest-xray")
-    argv = [sys.executable, "-m", "producers.cli", "submit", str(folder), "--model", "chest-xray", "--wait"]
+    argv = [sys.executable, "-m", "inferq.producers.cli", "submit", str(folder), "--model", "chest-xray", "--wait"]
     env = {**stack.env, "INFERQ_API_URL": stack.api_url}
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, check=False)
     lines = [json.loads(line) for line in done.stdout.splitlines()]

@@ -17,13 +17,13 @@ import redis
 import uvicorn
 from fastapi import FastAPI
 
-from config import DEFAULT_REGISTRY_PATH, Settings
-from producers.api import create_app
-from producers.api_keys import ROLES, ApiKeyStore
-from producers.redis_server import EmbeddedRedis, free_port, port_is_free
-from producers.stack import ServiceStack
-from protocol.keys import job_key
-from protocol.registry import load_registry
+from inferq.config import DEFAULT_REGISTRY_PATH, Settings
+from inferq.producers.api import create_app
+from inferq.producers.api_keys import ROLES, ApiKeyStore
+from inferq.producers.redis_server import EmbeddedRedis, free_port, port_is_free
+from inferq.producers.stack import ServiceStack
+from inferq.protocol.keys import job_key
+from inferq.protocol.registry import load_registry
 
 TENANTS = ("north", "south")
 

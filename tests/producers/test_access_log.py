@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from producers.access_log import ACCESS_LOGGER, configure_access_log
+from inferq.producers.access_log import ACCESS_LOGGER, configure_access_log
 from tests.producers.conftest import Api, fraud_inputs
 
 

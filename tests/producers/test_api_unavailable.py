@@ -7,8 +7,8 @@ from pathlib import Path
 
 import httpx
 
-from producers.redis_server import free_port
-from producers.stack import ServiceStack
+from inferq.producers.redis_server import free_port
+from inferq.producers.stack import ServiceStack
 
 
 def test_readyz_and_submit_answer_503_when_redis_is_down(tmp_path: Path) -> None:

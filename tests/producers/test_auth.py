@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import redis
 
-from producers.api_keys import ROLES, ApiKeyStore, parse_roles
-from protocol.errors import InvalidRequest
+from inferq.producers.api_keys import ROLES, ApiKeyStore, parse_roles
+from inferq.protocol.errors import InvalidRequest
 from tests.conftest import dump_redis
 from tests.producers.conftest import TENANTS, Api, fraud_inputs, make_api
 

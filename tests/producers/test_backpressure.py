@@ -8,9 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from producers.client import InferqClient, RetryPolicy
-from producers.demo import fraud_example
-from protocol.keys import queue_lists
+from inferq.producers.client import InferqClient, RetryPolicy
+from inferq.producers.demo import fraud_example
+from inferq.protocol.keys import queue_lists
 from tests.producers.conftest import LoneApi
 
 

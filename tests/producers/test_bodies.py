@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 from pydicom import dcmread
 
-from producers.samples import write_samples
+from inferq.producers.samples import write_samples
 from tests.producers.conftest import Api, make_api
 
 LIMIT_BYTES = 1024 * 1024
@@ -171,8 +171,8 @@ def test_a_bare_image_takes_its_options_from_headers(api: Api, tmp_path: object)
 def test_running_out_of_memory_is_a_503_not_a_500(redis_url: str) -> None:
     from fastapi import FastAPI
 
-    from config import Settings
-    from producers.api import create_app
+    from inferq.config import Settings
+    from inferq.producers.api import create_app
     from tests.producers.conftest import serve
 
     app: FastAPI = create_app(Settings(redis_url=redis_url))  # type: ignore[arg-type]

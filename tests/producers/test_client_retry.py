@@ -8,7 +8,7 @@ from email.utils import formatdate
 import httpx
 import pytest
 
-from producers.client import _BULK_MAX_BYTES, RetryPolicy, _file_chunks, _retry_after_s, new_idempotency_key
+from inferq.producers.client import _BULK_MAX_BYTES, RetryPolicy, _file_chunks, _retry_after_s, new_idempotency_key
 
 
 def test_backoff_grows_exponentially_with_jitter_up_to_its_ceiling() -> None:

@@ -11,9 +11,9 @@ import redis
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from config import DEFAULT_REGISTRY_PATH
-from protocol.keys import consumers_key
-from protocol.registry import load_registry
+from inferq.config import DEFAULT_REGISTRY_PATH
+from inferq.protocol.keys import consumers_key
+from inferq.protocol.registry import load_registry
 from tests.producers.conftest import Api, make_api
 
 # Enough to reach every route with both valid and broken input, and to stay well under a minute on 2 cores.

@@ -10,17 +10,17 @@ from pathlib import Path
 
 import httpx
 
-from producers.api_keys import ApiKeyStore
-from producers.flower import CONTROL_ROUTE_PREFIXES
-from producers.redis_server import free_port
-from producers.stack import ServiceStack
-from protocol.connections import redis_client
+from inferq.producers.api_keys import ApiKeyStore
+from inferq.producers.flower import CONTROL_ROUTE_PREFIXES
+from inferq.producers.redis_server import free_port
+from inferq.producers.stack import ServiceStack
+from inferq.protocol.connections import redis_client
 from tests.conftest import dump_redis
 
 
 def _inferq(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "INFERQ_REDIS_URL": redis_url}
-    argv = [sys.executable, "-m", "producers.cli", *args]
+    argv = [sys.executable, "-m", "inferq.producers.cli", *args]
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
 
 
@@ -51,7 +51,7 @@ def test_keys_create_refuses_an_unknown_role(redis_url: str) -> None:
 def test_flower_refuses_to_start_without_credentials(redis_url: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "INFERQ_FLOWER_BASIC_AUTH"}
     env |= {"INFERQ_REDIS_URL": redis_url}
-    argv = [sys.executable, "-m", "producers.cli", "flower"]
+    argv = [sys.executable, "-m", "inferq.producers.cli", "flower"]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode != 0 and "INFERQ_FLOWER_BASIC_AUTH" in done.stderr
 

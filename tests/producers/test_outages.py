@@ -13,18 +13,18 @@ from typing import Any
 import httpx
 import pytest
 
-from config import DEFAULT_REGISTRY_PATH, Settings
-from producers.client import InferqClient, RetryPolicy
-from producers.demo import fraud_example
-from producers.redis_server import free_port
-from producers.submit import JobSubmitter, SubmitOptions
-from protocol.celery_config import build_celery
-from protocol.codec import TensorPayload
-from protocol.connections import open_stores
-from protocol.errors import BackendUnavailable, RemoteError
-from protocol.intake import TensorUpload
-from protocol.keys import idempotency_key
-from protocol.registry import load_registry
+from inferq.config import DEFAULT_REGISTRY_PATH, Settings
+from inferq.producers.client import InferqClient, RetryPolicy
+from inferq.producers.demo import fraud_example
+from inferq.producers.redis_server import free_port
+from inferq.producers.submit import JobSubmitter, SubmitOptions
+from inferq.protocol.celery_config import build_celery
+from inferq.protocol.codec import TensorPayload
+from inferq.protocol.connections import open_stores
+from inferq.protocol.errors import BackendUnavailable, RemoteError
+from inferq.protocol.intake import TensorUpload
+from inferq.protocol.keys import idempotency_key
+from inferq.protocol.registry import load_registry
 from tests.producers.conftest import LoneApi
 
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from protocol.keys import consumers_key
+from inferq.protocol.keys import consumers_key
 from tests.producers.conftest import Api, make_api
 
 

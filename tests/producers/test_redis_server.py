@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from producers.redis_server import EmbeddedRedis
+from inferq.producers.redis_server import EmbeddedRedis
 
 
 def test_redis_refuses_a_client_without_the_password(redis_server: EmbeddedRedis) -> None:

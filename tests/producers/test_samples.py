@@ -1,4 +1,4 @@
-"""producers.samples: synthetic chest X-rays that every reader must read alike."""
+"""inferq.producers.samples: synthetic chest X-rays that every reader must read alike."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from producers.samples import SAMPLE_NAMES, SAMPLE_SIZE_PX, chest_picture, write_samples
-from protocol.registry import ImageInput
-from workers.imaging import read_picture, to_model_input
+from inferq.producers.samples import SAMPLE_NAMES, SAMPLE_SIZE_PX, chest_picture, write_samples
+from inferq.protocol.registry import ImageInput
+from inferq.workers.imaging import read_picture, to_model_input
 
 MAX_PIXELS = 40_000_000
 SPEC = ImageInput(height=224, width=224, channels=1)
@@ -99,7 +99,7 @@ def test_dx_sample_carries_rescale_and_window(samples: list[Path]) -> None:
 
 def test_imaging_modules_do_not_import_torch() -> None:
     code = (
-        "import sys, producers.samples, protocol.media, workers.imaging; "
+        "import sys, inferq.producers.samples, protocol.media, workers.imaging; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

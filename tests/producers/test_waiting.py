@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from producers.redis_server import EmbeddedRedis
-from producers.waiting import CompletionHub, prefer_wait_s, wait_for_jobs
-from protocol.connections import Stores, open_stores
-from protocol.jobs import JobStatus, Outcome, new_job_id
-from protocol.keys import job_key
+from inferq.producers.redis_server import EmbeddedRedis
+from inferq.producers.waiting import CompletionHub, prefer_wait_s, wait_for_jobs
+from inferq.protocol.connections import Stores, open_stores
+from inferq.protocol.jobs import JobStatus, Outcome, new_job_id
+from inferq.protocol.keys import job_key
 
 
 class CountingReader:

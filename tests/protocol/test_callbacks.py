@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from protocol.callbacks import AllowList, TargetRefused, resolve_target
+from inferq.protocol.callbacks import AllowList, TargetRefused, resolve_target
 
 NOTHING = AllowList.parse("")
 

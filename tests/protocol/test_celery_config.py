@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from config import DEFAULT_REGISTRY_PATH, Settings
-from protocol.celery_config import (
+from inferq.config import DEFAULT_REGISTRY_PATH, Settings
+from inferq.protocol.celery_config import (
     broker_kind,
     build_celery,
     celery_config,
@@ -17,8 +17,8 @@ from protocol.celery_config import (
     entry_task,
     stage_queue_names,
 )
-from protocol.errors import ConfigError
-from protocol.registry import Registry, load_registry
+from inferq.protocol.errors import ConfigError
+from inferq.protocol.registry import Registry, load_registry
 
 REGISTRY = load_registry(DEFAULT_REGISTRY_PATH)
 
@@ -113,7 +113,7 @@ def test_an_unknown_broker_scheme_is_refused_with_the_scheme_named() -> None:
 def test_a_rediss_url_makes_celery_and_redis_py_verify_the_certificate(tmp_path: Path) -> None:
     import ssl
 
-    from protocol.connections import redis_client
+    from inferq.protocol.connections import redis_client
 
     ca = tmp_path / "ca.pem"
     url = "rediss://:secret@redis.example:6380/0"

@@ -5,9 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from protocol.codec import TensorPayload, decode_tensor, encode_tensor, select_input, tensor_from_bytes, tensor_to_bytes
-from protocol.errors import InvalidTensor
-from protocol.registry import TensorInput
+from inferq.protocol.codec import (
+    TensorPayload,
+    decode_tensor,
+    encode_tensor,
+    select_input,
+    tensor_from_bytes,
+    tensor_to_bytes,
+)
+from inferq.protocol.errors import InvalidTensor
+from inferq.protocol.registry import TensorInput
 
 SPEC = TensorInput(name="transactions", shape=(-1, 3), datatype="FP32")
 

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from protocol.connections import Stores, open_stores
-from protocol.errors import BlobMissing, JobNotCancellable, UnknownJob
-from protocol.jobs import Claim, JobStatus, JobStore, Outcome, new_job_id
-from protocol.keys import blob_key, callbacks_key, dead_letter_key, job_key, leases_key, queued_key, retries_key
+from inferq.protocol.connections import Stores, open_stores
+from inferq.protocol.errors import BlobMissing, JobNotCancellable, UnknownJob
+from inferq.protocol.jobs import Claim, JobStatus, JobStore, Outcome, new_job_id
+from inferq.protocol.keys import blob_key, callbacks_key, dead_letter_key, job_key, leases_key, queued_key, retries_key
 
 
 @pytest.fixture

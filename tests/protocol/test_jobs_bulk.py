@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from protocol.connections import Stores, open_stores
-from protocol.jobs import JobStatus, NewJob, Outcome, new_job_id
-from protocol.keys import blob_key, done_channel, idempotency_key, job_key
+from inferq.protocol.connections import Stores, open_stores
+from inferq.protocol.jobs import JobStatus, NewJob, Outcome, new_job_id
+from inferq.protocol.keys import blob_key, done_channel, idempotency_key, job_key
 
 
 @pytest.fixture

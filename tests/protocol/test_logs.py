@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import logging
 
-from config import Settings
-from protocol.logs import JsonFormatter, bind_context, formatter_for
+from inferq.config import Settings
+from inferq.protocol.logs import JsonFormatter, bind_context, formatter_for
 
 
 def _record(message: str, *args: object, exc: BaseException | None = None, **extra: str) -> logging.LogRecord:

@@ -22,9 +22,9 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import MPEG2MPML, DeflatedExplicitVRLittleEndian
 
-from protocol.errors import ImageTooLarge, InvalidImage, NoPixelData, UnsupportedMedia, UnsupportedView
-from protocol.media import ImageInfo, MediaKind, check_fits, open_dicom, probe, sniff
-from protocol.registry import ImageInput
+from inferq.protocol.errors import ImageTooLarge, InvalidImage, NoPixelData, UnsupportedMedia, UnsupportedView
+from inferq.protocol.media import ImageInfo, MediaKind, check_fits, open_dicom, probe, sniff
+from inferq.protocol.registry import ImageInput
 
 MAX_PIXELS = 40_000_000
 PATIENT_NAME = "DOE^JANE"

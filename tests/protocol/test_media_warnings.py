@@ -10,7 +10,7 @@ import sys
 
 _SCRIPT = r"""
 import logging, threading, warnings
-from protocol.media import third_party_boundary
+from inferq.protocol.media import third_party_boundary
 
 warnings.simplefilter("always")
 start = threading.Barrier(16)

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from protocol.connections import Stores, open_stores
-from protocol.jobs import JobStatus, Outcome, new_job_id
-from protocol.metrics import read_counts, recent_failures
+from inferq.protocol.connections import Stores, open_stores
+from inferq.protocol.jobs import JobStatus, Outcome, new_job_id
+from inferq.protocol.metrics import read_counts, recent_failures
 
 
 @pytest.fixture

@@ -6,11 +6,11 @@ from collections import Counter
 
 import pytest
 
-from config import Settings
-from protocol.errors import InvalidRequest
-from protocol.fairness import publish_options, queue_for_tenant, tenant_buckets
-from protocol.keys import KOMBU_PRIORITY_STEPS, queue_lists
-from protocol.priority import REDIS_PRIORITY_STEPS, Priority, broker_priority, parse_priority, stored_priority
+from inferq.config import Settings
+from inferq.protocol.errors import InvalidRequest
+from inferq.protocol.fairness import publish_options, queue_for_tenant, tenant_buckets
+from inferq.protocol.keys import KOMBU_PRIORITY_STEPS, queue_lists
+from inferq.protocol.priority import REDIS_PRIORITY_STEPS, Priority, broker_priority, parse_priority, stored_priority
 
 
 @pytest.mark.parametrize(

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from config import DEFAULT_REGISTRY_PATH
-from protocol.errors import ConfigError, UnknownModel
-from protocol.registry import ImageInput, TensorInput, load_registry, parse_registry
+from inferq.config import DEFAULT_REGISTRY_PATH
+from inferq.protocol.errors import ConfigError, UnknownModel
+from inferq.protocol.registry import ImageInput, TensorInput, load_registry, parse_registry
 
 
 def test_the_shipped_registry_declares_both_models() -> None:
@@ -66,7 +66,7 @@ def test_an_unreadable_file_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_a_configuration_mistake_is_not_a_client_error() -> None:
-    from protocol.errors import ClientError, InferqError
+    from inferq.protocol.errors import ClientError, InferqError
 
     assert issubclass(ConfigError, InferqError) and not issubclass(ConfigError, ClientError)
     assert ConfigError("x").to_dict() == {"code": "config_error", "message": "x", "retryable": False}

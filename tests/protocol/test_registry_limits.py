@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from config import DEFAULT_REGISTRY_PATH
-from protocol.errors import ConfigError
-from protocol.registry import load_registry, parse_registry
+from inferq.config import DEFAULT_REGISTRY_PATH
+from inferq.protocol.errors import ConfigError
+from inferq.protocol.registry import load_registry, parse_registry
 
 
 def _document(**extra: Any) -> dict[str, Any]:

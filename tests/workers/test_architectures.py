@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import torch
 
-from config.settings import DEFAULT_REGISTRY_PATH
-from protocol.errors import ModelLoadError
-from protocol.registry import ArchitectureSpec, ImageInput, ModelSpec, TensorInput, load_registry
-from workers.architectures import MLP, DenseNet121, build_architecture
-from workers.architectures.densenet import DenseBlock
+from inferq.config.settings import DEFAULT_REGISTRY_PATH
+from inferq.protocol.errors import ModelLoadError
+from inferq.protocol.registry import ArchitectureSpec, ImageInput, ModelSpec, TensorInput, load_registry
+from inferq.workers.architectures import MLP, DenseNet121, build_architecture
+from inferq.workers.architectures.densenet import DenseBlock
 
 # torchvision's published figures for densenet121 (3 channels, 1000 ImageNet classes).
 TORCHVISION_DENSENET121_PARAMETERS = 7_978_856

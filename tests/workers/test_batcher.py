@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from config import DEFAULT_REGISTRY_PATH, Settings
-from producers.samples import write_samples
-from protocol.connections import Stores, open_stores
-from protocol.jobs import JobStore, new_job_id
-from protocol.registry import load_registry
-from workers.batcher import DynamicBatcher, Fenced
-from workers.inference import ModelRunner, load_runner
-from workers.weights import ensure_generated_weights
+from inferq.config import DEFAULT_REGISTRY_PATH, Settings
+from inferq.producers.samples import write_samples
+from inferq.protocol.connections import Stores, open_stores
+from inferq.protocol.jobs import JobStore, new_job_id
+from inferq.protocol.registry import load_registry
+from inferq.workers.batcher import DynamicBatcher, Fenced
+from inferq.workers.inference import ModelRunner, load_runner
+from inferq.workers.weights import ensure_generated_weights
 
 REGISTRY = load_registry(DEFAULT_REGISTRY_PATH)
 

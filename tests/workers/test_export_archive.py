@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from config import Settings
-from protocol.errors import ModelLoadError
+from inferq.config import Settings
+from inferq.protocol.errors import ModelLoadError
+from inferq.workers.export_archive import check_export_archive
+from inferq.workers.weights import load_model
 from tests.workers.test_weights import CPU, _tiny_module, _tiny_spec
-from workers.export_archive import check_export_archive
-from workers.weights import load_model
 
 
 class _Planted:

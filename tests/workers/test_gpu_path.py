@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from config import DEFAULT_REGISTRY_PATH, Settings
-from producers.samples import write_samples
-from protocol.registry import load_registry
+from inferq.config import DEFAULT_REGISTRY_PATH, Settings
+from inferq.producers.samples import write_samples
+from inferq.protocol.registry import load_registry
+from inferq.workers.inference import load_runner
+from inferq.workers.weights import ensure_generated_weights
 from tests.conftest import REPO_ROOT
-from workers.inference import load_runner
-from workers.weights import ensure_generated_weights
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 REGISTRY = load_registry(DEFAULT_REGISTRY_PATH)
@@ -42,7 +42,7 @@ def test_the_gpu_pool_starts_one_process_per_device_and_none_touches_cuda_before
     argv = [
         sys.executable,
         "-m",
-        "producers.cli",
+        "inferq.producers.cli",
         "worker",
         "--pool",
         "gpu",

@@ -18,10 +18,10 @@ import safetensors.numpy
 import torch
 from torch import nn
 
-from config.settings import CONFIG_DIR, DEFAULT_REGISTRY_PATH, Settings
-from protocol.errors import ChecksumMismatch, ModelLoadError
-from protocol.registry import ImageInput, ModelSpec, Registry, TensorInput, load_registry
-from workers.weights import (
+from inferq.config.settings import CONFIG_DIR, DEFAULT_REGISTRY_PATH, Settings
+from inferq.protocol.errors import ChecksumMismatch, ModelLoadError
+from inferq.protocol.registry import ImageInput, ModelSpec, Registry, TensorInput, load_registry
+from inferq.workers.weights import (
     ensure_generated_weights,
     file_sha256,
     generate_weights,
@@ -111,7 +111,7 @@ def test_a_fresh_process_writes_the_same_bytes(registry: Registry, tmp_path: Pat
     # A new process gets new hash seeds (Python's and Rust's): the bytes must not depend on either.
     path = tmp_path / "fraud.safetensors"
     program = (
-        "import sys; from pathlib import Path; from config.settings import DEFAULT_REGISTRY_PATH; "
+        "import sys; from pathlib import Path; from inferq.config.settings import DEFAULT_REGISTRY_PATH; "
         "from protocol.registry import load_registry; from workers.weights import write_weights; "
         "print(write_weights(load_registry(DEFAULT_REGISTRY_PATH)['fraud'], Path(sys.argv[1])))"
     )

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from inferq.workers.layout import cgroup_cpu_quota, usable_cpus
 from tests.conftest import REPO_ROOT
-from workers.layout import cgroup_cpu_quota, usable_cpus
 
 
 def test_a_cgroup_v2_quota_caps_the_usable_cpus(tmp_path: Path) -> None:

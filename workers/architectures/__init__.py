@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from protocol.errors import ModelLoadError
-from protocol.registry import ImageInput, ModelSpec
-from workers.architectures.densenet import DenseNet121
-from workers.architectures.mlp import MLP
+from inferq.protocol.errors import ModelLoadError
+from inferq.protocol.registry import ImageInput, ModelSpec
+from inferq.workers.architectures.densenet import DenseNet121
+from inferq.workers.architectures.mlp import MLP
 
 __all__ = ["MLP", "DenseNet121", "build_architecture"]
 

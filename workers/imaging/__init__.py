@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from protocol.media import ImageInfo, MediaKind, sniff
-from protocol.registry import ImageInput
-from workers.imaging.dicom import read_dicom
-from workers.imaging.present import BT601_LUMA, Picture, to_model_input
-from workers.imaging.raster import read_raster
+from inferq.protocol.media import ImageInfo, MediaKind, sniff
+from inferq.protocol.registry import ImageInput
+from inferq.workers.imaging.dicom import read_dicom
+from inferq.workers.imaging.present import BT601_LUMA, Picture, to_model_input
+from inferq.workers.imaging.raster import read_raster
 
 __all__ = ["BT601_LUMA", "Picture", "preprocess", "read_picture", "to_model_input"]
 

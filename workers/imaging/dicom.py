@@ -17,10 +17,10 @@ from pydicom.encaps import get_frame
 from pydicom.pixels import apply_color_lut, as_pixel_options, get_decoder
 from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit, RLELossless
 
-from protocol.errors import InvalidImage
-from protocol.media import ImageInfo, check_fits, open_dicom, third_party_boundary
-from protocol.registry import ImageInput
-from workers.imaging.codestream import (
+from inferq.protocol.errors import InvalidImage
+from inferq.protocol.media import ImageInfo, check_fits, open_dicom, third_party_boundary
+from inferq.protocol.registry import ImageInput
+from inferq.workers.imaging.codestream import (
     JPEG_BASELINE_SOF,
     codestream_size,
     decode_j2k,
@@ -28,9 +28,9 @@ from workers.imaging.codestream import (
     j2k_header,
     jpeg_precision,
 )
-from workers.imaging.geometry import align_wavelet_samples, needed_size, reduction_levels
-from workers.imaging.monochrome import frame_header, present_monochrome
-from workers.imaging.present import Picture, luma, make_picture
+from inferq.workers.imaging.geometry import align_wavelet_samples, needed_size, reduction_levels
+from inferq.workers.imaging.monochrome import frame_header, present_monochrome
+from inferq.workers.imaging.present import Picture, luma, make_picture
 
 __all__ = ["read_dicom"]
 

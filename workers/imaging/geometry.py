@@ -20,7 +20,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from protocol.registry import ImageInput
+from inferq.protocol.registry import ImageInput
 
 __all__ = ["align_wavelet_samples", "fit", "needed_size", "reduction_levels"]
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom.dataset import Dataset
 
-from protocol.errors import InvalidImage
+from inferq.protocol.errors import InvalidImage
 
 __all__ = ["frame_header", "present_monochrome"]
 

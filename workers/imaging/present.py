@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protocol.errors import InvalidImage
-from protocol.media import ImageInfo
-from protocol.registry import ImageInput
-from workers.imaging.geometry import fit
+from inferq.protocol.errors import InvalidImage
+from inferq.protocol.media import ImageInfo
+from inferq.protocol.registry import ImageInput
+from inferq.workers.imaging.geometry import fit
 
 __all__ = ["BT601_LUMA", "Picture", "luma", "make_picture", "to_model_input"]
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageOps
 
-from protocol.media import ImageInfo, check_fits, open_raster, third_party_boundary
-from protocol.registry import ImageInput
-from workers.imaging.geometry import needed_size
-from workers.imaging.present import Picture, luma, make_picture
+from inferq.protocol.media import ImageInfo, check_fits, open_raster, third_party_boundary
+from inferq.protocol.registry import ImageInput
+from inferq.workers.imaging.geometry import needed_size
+from inferq.workers.imaging.present import Picture, luma, make_picture
 
 __all__ = ["read_raster"]
 

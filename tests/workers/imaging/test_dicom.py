@@ -29,10 +29,10 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from protocol.errors import InferqError, InvalidImage, NoPixelData
-from protocol.media import ImageInfo
-from protocol.registry import ImageInput
-from workers.imaging import Picture, preprocess, read_picture, to_model_input
+from inferq.protocol.errors import InferqError, InvalidImage, NoPixelData
+from inferq.protocol.media import ImageInfo
+from inferq.protocol.registry import ImageInput
+from inferq.workers.imaging import Picture, preprocess, read_picture, to_model_input
 
 MAX_PIXELS = 40_000_000
 SPEC = ImageInput(height=24, width=32, channels=3, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))

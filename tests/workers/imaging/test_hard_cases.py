@@ -30,16 +30,16 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from config import DEFAULT_REGISTRY_PATH, Settings
-from producers.samples import chest_picture, write_large_samples
-from protocol.errors import NotForPresentation, UnsupportedView
-from protocol.intake import FileUpload, validate_input
-from protocol.media import probe
-from protocol.registry import ImageInput, load_registry
-from workers.imaging import Picture, preprocess, read_picture, to_model_input
-from workers.imaging import codestream as codestream_module
-from workers.imaging.geometry import needed_size, reduction_levels
-from workers.imaging.present import make_picture
+from inferq.config import DEFAULT_REGISTRY_PATH, Settings
+from inferq.producers.samples import chest_picture, write_large_samples
+from inferq.protocol.errors import NotForPresentation, UnsupportedView
+from inferq.protocol.intake import FileUpload, validate_input
+from inferq.protocol.media import probe
+from inferq.protocol.registry import ImageInput, load_registry
+from inferq.workers.imaging import Picture, preprocess, read_picture, to_model_input
+from inferq.workers.imaging import codestream as codestream_module
+from inferq.workers.imaging.geometry import needed_size, reduction_levels
+from inferq.workers.imaging.present import make_picture
 
 MAX_PIXELS = 40_000_000
 SPEC = ImageInput(height=24, width=32, channels=1)
@@ -444,7 +444,7 @@ def j2k_levels_used(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         used.append(levels)
         return decode(frame, header, levels)
 
-    monkeypatch.setattr("workers.imaging.dicom.decode_j2k", recording)
+    monkeypatch.setattr("inferq.workers.imaging.dicom.decode_j2k", recording)
     return used
 
 

@@ -11,12 +11,12 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from config import Settings
-from protocol.codec import tensor_to_bytes
-from protocol.errors import UnsupportedView
-from protocol.registry import ImageInput, ModelSpec, Registry, load_registry
-from workers.imaging import preprocess
-from workers.inference import ModelRunner
+from inferq.config import Settings
+from inferq.protocol.codec import tensor_to_bytes
+from inferq.protocol.errors import UnsupportedView
+from inferq.protocol.registry import ImageInput, ModelSpec, Registry, load_registry
+from inferq.workers.imaging import preprocess
+from inferq.workers.inference import ModelRunner
 
 MAX_PIXELS = 40_000_000
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from protocol.errors import InvalidImage
-from protocol.media import ImageInfo
-from protocol.registry import ImageInput
-from workers.imaging import BT601_LUMA, Picture, preprocess, to_model_input
-from workers.imaging.present import make_picture
+from inferq.protocol.errors import InvalidImage
+from inferq.protocol.media import ImageInfo
+from inferq.protocol.registry import ImageInput
+from inferq.workers.imaging import BT601_LUMA, Picture, preprocess, to_model_input
+from inferq.workers.imaging.present import make_picture
 
 MAX_PIXELS = 40_000_000
 IMAGENET = ImageInput(height=32, width=48, channels=3, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from protocol.errors import ImageTooLarge, InvalidImage, UnsupportedMedia
-from workers.imaging import read_picture
-from workers.imaging.raster import _grey, read_raster
+from inferq.protocol.errors import ImageTooLarge, InvalidImage, UnsupportedMedia
+from inferq.workers.imaging import read_picture
+from inferq.workers.imaging.raster import _grey, read_raster
 
 MAX_PIXELS = 40_000_000
 _EXIF_ORIENTATION = 0x0112
