@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,14 @@ from inferq.producers.access_log import ACCESS_LOGGER, configure_access_log
 from tests.producers.conftest import Api, fraud_inputs
 
 
-def _lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
-    return [json.loads(r.getMessage()) for r in caplog.records if r.name == ACCESS_LOGGER]
+def _lines(caplog: pytest.LogCaptureFixture, *, at_least: int = 0) -> list[dict[str, object]]:
+    # The server thread writes its line as the response ends, which may be just after the client has it.
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == ACCESS_LOGGER]
+        if len(lines) >= at_least or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.01)
 
 
 def test_each_request_leaves_one_line_naming_key_tenant_action_and_job(
@@ -28,7 +35,7 @@ def test_each_request_leaves_one_line_naming_key_tenant_action_and_job(
     api.client.get(f"/v1/jobs/{job_id}", headers=api.auth("south", "read"))
     api.client.post("/v1/models/JOHN-DOE-1970/jobs", json={}, headers=api.auth("north", "submit"))
     api.client.get("/healthz")
-    submit, read, foreign, unknown_model = _lines(caplog)
+    submit, read, foreign, unknown_model = _lines(caplog, at_least=4)
     north_submit = api.keys[("north", "submit")].split("_")[1]
     assert submit["key_id"] == north_submit and submit["tenant"] == "north"
     assert submit["action"] == "submit_job" and submit["job_id"] == job_id and submit["model"] == "fraud"
@@ -44,7 +51,7 @@ def test_each_request_leaves_one_line_naming_key_tenant_action_and_job(
 def test_a_request_without_a_key_is_logged_as_anonymous(api: Api, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)
     api.client.get("/v1/models")
-    [line] = _lines(caplog)
+    [line] = _lines(caplog, at_least=1)
     assert line["key_id"] is None and line["tenant"] is None and line["status"] == 401
 
 
