@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -16,11 +15,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import pytest
 
 from inferq.config import Settings
-from inferq.producers.cli import main as cli_main
 from inferq.producers.client import FINAL_STATUSES, InferqClient
 from inferq.producers.redis_server import find_redis_server
 from inferq.producers.samples import write_samples
@@ -56,6 +53,9 @@ def _base_env(tmp: Path) -> dict[str, str]:
         "INFERQ_MODELS_DIR": str(Settings().models_dir),
         "INFERQ_TORCH_THREADS": "1",
         "INFERQ_DATA_DIR": str(tmp),
+        # Short leases and lost-message checks, so that a lost host's jobs come back within seconds here.
+        "INFERQ_LEASE_S": "5",
+        "INFERQ_LOST_MESSAGE_CHECK_S": "5",
     }
 
 
@@ -71,6 +71,9 @@ def _start_core(lab: NetworkLab, tmp: Path) -> ServiceStack:
     core.start_command("redis", lab.exec_argv(lab.core, redis_argv))
     api_argv = [sys.executable, "-m", "inferq.producers.cli", "api", "--host", "0.0.0.0", "--port", str(_API_PORT)]
     core.start_command("api", lab.exec_argv(lab.core, api_argv))
+    # A deployment runs its reconciler next to the broker: it re-runs what a lost host held.
+    reconciler_argv = [sys.executable, "-m", "inferq.producers.cli", "reconciler"]
+    core.start_command("reconciler", lab.exec_argv(lab.core, reconciler_argv))
     return core
 
 
@@ -167,11 +170,6 @@ def _ran_on(hosts: Hosts, host: str, job_ids: list[str]) -> set[str]:
     return {job_id for job_id in job_ids if f"[{job_id}] succeeded" in log}
 
 
-def _cli_has(command: str) -> bool:
-    assert isinstance(cli_main, click.Group)
-    return command in cli_main.commands
-
-
 def test_workers_on_two_hosts_share_the_jobs(hosts: Hosts) -> None:
     lab = hosts.lab
     job_ids = _submit(hosts, 8)
@@ -183,6 +181,7 @@ def test_workers_on_two_hosts_share_the_jobs(hosts: Hosts) -> None:
     assert first | second == set(job_ids) and not first & second
 
 
+@pytest.mark.timeout(600)
 def test_a_worker_host_cut_off_mid_run_loses_no_job(hosts: Hosts) -> None:
     lab = hosts.lab
     lost_host, other_host = lab.host(1), lab.host(2)
@@ -194,24 +193,9 @@ def test_a_worker_host_cut_off_mid_run_loses_no_job(hosts: Hosts) -> None:
     lab.cut(lost_host)
     log = hosts.worker_log(lost_host)
     held = [j for j in job_ids if f"[{j}] received" in log and f"[{j}] succeeded" not in log]
-    # The cut host holds the jobs it had taken (a worker process holds up to a batch and the next one).
     assert held, held
-    # Then the other host drains the queue: every job the cut host did not hold succeeds there
-    others = [j for j in job_ids if j not in held]
-    statuses = _wait_final(hosts, others, _JOB_TIMEOUT_S)
+    # Then every job succeeds: the other host drains the queue, and the jobs the cut host held (claimed, or only
+    # received) come back through the reconciler once their leases lapse or their messages count as lost
+    statuses = _wait_final(hosts, job_ids, _RECOVERY_TIMEOUT_S)
     assert set(statuses.values()) == {"succeeded"}, statuses
-    assert set(others) - _ran_on(hosts, lost_host, others) <= _ran_on(hosts, other_host, others)
-    assert set(_statuses(hosts, held).values()) <= {"queued", "running"}
-    # And once the cut host is gone for good (powered off), the job it held is recovered
-    for process in hosts.stacks[lost_host].processes.values():
-        os.killpg(process.pid, signal.SIGKILL)
-    if not _cli_has("reconciler"):
-        # Celery on Redis redelivers an unacknowledged message only after the visibility timeout (hours), and the
-        # job record stays `running`; re-publishing jobs whose lease lapsed is the reconciler's work.
-        pytest.xfail("`inferq reconciler` is not in this branch's CLI yet: nothing re-publishes the cut host's job")
-    hosts.stacks[lab.core].start_command(
-        "reconciler", lab.exec_argv(lab.core, [sys.executable, "-m", "inferq.producers.cli", "reconciler"])
-    )
-    recovered = _wait_final(hosts, held, _RECOVERY_TIMEOUT_S)
-    assert set(recovered.values()) == {"succeeded"}, recovered
     assert set(held) <= _ran_on(hosts, other_host, held)
