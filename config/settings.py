@@ -197,14 +197,6 @@ class Settings(BaseSettings):
         default="json", description="One JSON object per log line (job_id, model, tenant where known), or text."
     )
     log_level: str = Field(default="INFO", description="Level of inferq's own processes' logs.")
-    flower_db_path: Path | None = Field(
-        default=None, description="Flower's persistent state (tasks seen, across restarts); unset: data_dir/flower.db."
-    )
-
-    @property
-    def flower_db(self) -> Path:
-        return self.flower_db_path or self.data_dir / "flower.db"
-
     @field_validator("registry_path", "models_dir", "data_dir")
     @classmethod
     def _expand(cls, value: Path) -> Path:

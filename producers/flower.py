@@ -67,24 +67,19 @@ def run_flower(settings: Settings) -> None:
 
     remove_control_routes()
     os.environ["FLOWER_BASIC_AUTH"] = credentials
-    settings.flower_db.parent.mkdir(parents=True, exist_ok=True)
     app.start(["flower", *flower_options(settings)])
 
 
-# Flower saves its state on a clean shutdown; this often as well, so a killed Flower loses at most a minute.
-_STATE_SAVE_INTERVAL_MS = 60_000
 # Every worker node's name carries its process id, so a restarted node is a new worker: forget offline ones.
 _PURGE_OFFLINE_WORKERS_S = 3600
 
 
 def flower_options(settings: Settings) -> list[str]:
-    """Flower's command-line options. Persistent mode keeps the tasks it has seen (each one is named
-    `inferq.infer.<model>`, so the Tasks page filters by model) across restarts."""
+    """Flower's command-line options. Not its persistent mode: Flower stores that state with `shelve`, which is
+    pickle, and inferq loads nothing with pickle; after a restart Flower rebuilds its view from live events, and the
+    job records (the source of truth) lose nothing. Each task is named `inferq.infer.<model>`."""
     return [
         f"--address={settings.flower_host}",
         f"--port={settings.flower_port}",
-        "--persistent=True",
-        f"--db={settings.flower_db}",
-        f"--state_save_interval={_STATE_SAVE_INTERVAL_MS}",
         f"--purge_offline_workers={_PURGE_OFFLINE_WORKERS_S}",
     ]
