@@ -197,6 +197,7 @@ class Settings(BaseSettings):
         default="json", description="One JSON object per log line (job_id, model, tenant where known), or text."
     )
     log_level: str = Field(default="INFO", description="Level of inferq's own processes' logs.")
+
     @field_validator("registry_path", "models_dir", "data_dir")
     @classmethod
     def _expand(cls, value: Path) -> Path:
