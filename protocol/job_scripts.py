@@ -85,10 +85,25 @@ local function finalize(status, result, err, keep_ttl, keep_blob, callback_grace
   end
   return owed
 end
+-- An attempt that died with its worker process. Only a forward pass run alone proves that the job itself ended the
+-- process: that death is charged (`lost`, shown as `poison` once the attempts are used up). A job that shared the
+-- batch becomes a suspect and runs alone next time; one that was waiting or decoding beside the culprit is a
+-- bystander. Both are spared the attempt, at most max_attempts times, so that a crash loop still ends.
+local function lose_attempt()
+  local computing = redis.call('HEXISTS', J, 'computing_at') == 1
+  local alone = computing and num('computing_with') <= 1
+  if computing and not alone then redis.call('HSET', J, 'suspect', 1) end
+  if not alone and num('spared') < max_attempts() then
+    redis.call('HINCRBY', J, 'spared', 1)
+  else
+    redis.call('HINCRBY', J, 'lost', 1)
+  end
+end
+local function out_of_attempts() return num('attempts') - num('handoffs') - num('spared') >= max_attempts() end
 -- Put a job back in the queue after a failed attempt; the reconciler publishes it once the backoff ends.
 local function requeue(backoff_s, err)
   redis.call('HSET', J, 'status', 'queued', 'retry_at', now + backoff_s, 'last_error', err)
-  redis.call('HDEL', J, 'lease_until', 'computing_at')
+  redis.call('HDEL', J, 'lease_until', 'computing_at', 'computing_with')
   redis.call('ZREM', LEASES, ID)
   redis.call('ZADD', RETRIES, now + backoff_s, ID)
   redis.call('ZADD', QUEUED, num('expires_at'), ID)
@@ -100,7 +115,7 @@ local function dead_letter(last_error, keep_ttl, grace)
   local err = last_error
   if num('lost') > 0 then
     err = cjson.encode({{code = 'poison', retryable = false,
-      message = 'the job ended its worker process ' .. num('lost') .. ' time(s); it was dead-lettered'}})
+      message = 'its worker process died during the job ' .. num('lost') .. ' time(s); it was dead-lettered'}})
   end
   finalize('failed', '', err, keep_ttl, true, grace)
   redis.call('ZADD', DEAD, now, ID)
@@ -115,8 +130,8 @@ if KEYS[2] ~= J then
   redis.call('SET', KEYS[2], ID, 'EX', ARGV[3])
 end
 local expires_at = now + tonumber(ARGV[2])
-redis.call('HSET', J, 'submitted_at', now, 'expires_at', expires_at, 'status', 'queued', 'attempts', 0)
-for i = 4, #ARGV, 2 do redis.call('HSET', J, ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', J, 'submitted_at', now, 'expires_at', expires_at, 'status', 'queued', 'attempts', 0,
+  unpack(ARGV, 4))
 redis.call('EXPIRE', J, ARGV[3])
 redis.call('ZADD', QUEUED, expires_at, ID)
 redis.call('ZADD', PUBLISHED, now, ID)
@@ -143,11 +158,11 @@ if status == 'queued' then
   end
 elseif status == 'running' then
   if num('lease_until') > now then return {{'leased', 0, 0}} end
-  redis.call('HINCRBY', J, 'lost', 1)
+  lose_attempt()
 else
   return {{status, 0, 0}}
 end
-if num('attempts') - num('handoffs') >= max_attempts() then
+if out_of_attempts() then
   dead_letter(redis.call('HGET', J, 'last_error') or '', ARGV[6], ARGV[7])
   return {{'failed', 0, 0}}
 end
@@ -155,7 +170,7 @@ local token = redis.call('HINCRBY', J, 'attempts', 1)
 local lease_until = now + tonumber(ARGV[4])
 redis.call('HSET', J, 'status', 'running', 'started_at', now, 'lease_until', lease_until,
   'worker', ARGV[2], 'worker_pid', ARGV[3])
-redis.call('HDEL', J, 'computing_at', 'retry_at')
+redis.call('HDEL', J, 'computing_at', 'computing_with', 'retry_at')
 redis.call('EXPIRE', J, ARGV[6])
 redis.call('ZADD', LEASES, lease_until, ID)
 redis.call('ZREM', QUEUED, ID)
@@ -165,7 +180,7 @@ redis.call('ZREM', tenant_waiting(), ID)
 count('claims', model())
 if token > 1 then count('redeliveries', model()) end
 local order = redis.call('HMGET', J, 'priority', 'expires_at', 'tenant')
-return {{'claimed', token, num('lost'), tostring(now - num('submitted_at')),
+return {{'claimed', token, num('lost') + num('suspect'), tostring(now - num('submitted_at')),
   order[1] or '', order[2] or '', order[3] or ''}}
 """
 
@@ -175,14 +190,15 @@ if not status then return 'missing' end
 if status ~= 'running' or redis.call('HGET', J, 'attempts') ~= ARGV[2] then return 'fenced' end
 """
 
-# ARGV: id, token, expired error, keep ttl, callback grace. Marks the attempt as computing: from here on it can no
-# longer be cancelled. A job whose queue deadline passed while it waited in the worker's batcher expires instead.
+# ARGV: id, token, expired error, keep ttl, callback grace, jobs in the batch. Marks the attempt as computing: from
+# here on it can no longer be cancelled. A job whose queue deadline passed while it waited in the worker's batcher
+# expires instead.
 BEGIN = f"""{_PRELUDE}{_FENCE}
 if now > num('expires_at') then
   finalize('expired', '', ARGV[3], ARGV[4], false, ARGV[5])
   return 'expired'
 end
-redis.call('HSET', J, 'computing_at', now)
+redis.call('HSET', J, 'computing_at', now, 'computing_with', ARGV[6])
 return 'ok'
 """
 
@@ -203,7 +219,7 @@ return 'ok'
 
 # ARGV: id, token, backoff s, error json, keep ttl, callback grace. A transient failure: retry, or dead-letter.
 RELEASE = f"""{_PRELUDE}{_FENCE}
-if num('attempts') - num('handoffs') >= max_attempts() then
+if out_of_attempts() then
   dead_letter(ARGV[4], ARGV[5], ARGV[6])
   return 'dead'
 end
@@ -218,8 +234,8 @@ if redis.call('HGET', J, 'status') ~= 'running' then
   return 'gone'
 end
 if num('lease_until') > now then return 'live' end
-redis.call('HINCRBY', J, 'lost', 1)
-if num('attempts') - num('handoffs') >= max_attempts() then
+lose_attempt()
+if out_of_attempts() then
   count('recoveries', model() .. '|dead')
   dead_letter('', ARGV[3], ARGV[4])
   return 'dead'
@@ -261,7 +277,7 @@ if not redis.call('ZSCORE', DEAD, ID) then return 'not_dead' end
 if redis.call('HGET', J, 'status') ~= 'failed' then redis.call('ZREM', DEAD, ID) return 'not_dead' end
 if redis.call('EXISTS', blob_key()) == 0 then return 'blob_missing' end
 local expires_at = now + tonumber(ARGV[2])
-redis.call('HSET', J, 'status', 'queued', 'attempts', 0, 'lost', 0, 'expires_at', expires_at,
+redis.call('HSET', J, 'status', 'queued', 'attempts', 0, 'lost', 0, 'spared', 0, 'suspect', 0, 'expires_at', expires_at,
   'result', '', 'error', '', 'finished_at', '', 'started_at', '')
 redis.call('HDEL', J, 'last_error', 'callback_state', 'callback_attempts')
 redis.call('EXPIRE', J, ARGV[3])

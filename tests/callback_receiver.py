@@ -14,18 +14,22 @@ CALLBACK_SECRET = "whsec_" + "Y2hhb3MtdGVzdHMtc2lnbmluZy1zZWNyZXQtMzI="
 
 
 class CallbackReceiver:
-    """A webhook receiver on loopback that answers 503 until `healthy_after_s`, then verifies and records."""
+    """A webhook receiver on loopback that answers 503 for `healthy_after_s` from the first delivery it sees (so
+    that a slow-starting worker cannot let the outage pass unseen), then verifies and records."""
 
     def __init__(self, *, healthy_after_s: float = 0.0) -> None:
         self.deliveries: list[dict[str, Any]] = []
         self.refused = 0
         self.bad_signatures = 0
-        self._healthy_at_s = time.monotonic() + healthy_after_s
+        self._down_s = healthy_after_s
+        self._healthy_at_s: float | None = None
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                if receiver._healthy_at_s is None:
+                    receiver._healthy_at_s = time.monotonic() + receiver._down_s
                 if time.monotonic() < receiver._healthy_at_s:
                     receiver.refused += 1
                     self.send_response(503)

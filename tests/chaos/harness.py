@@ -70,6 +70,7 @@ class Tally:
     retried: int = 0
     seconds: float = 0.0
     stuck: list[dict[str, str]] = field(default_factory=list)
+    failures: list[dict[str, str]] = field(default_factory=list)  # the failed jobs' records, for assertion messages
 
     def row(self) -> dict[str, Any]:
         return {
@@ -238,6 +239,8 @@ class ChaosStack:
                 tally.succeeded += 1
             else:
                 tally.failed[(view.get("error") or {}).get("code", view["status"])] += 1
+                with contextlib.suppress(Exception):  # what a failure report needs to tell why
+                    tally.failures.append({"job_id": job_id, **self.stores.jobs.fields(job_id)})
             tally.run_twice += recorded[job_id] > 1
             tally.retried += view["attempts"] > 1
         return tally
@@ -329,7 +332,8 @@ def hard_time_limit(stack: ChaosStack) -> Tally:
 
 
 def poison_input(stack: ChaosStack) -> Tally:
-    """A job that kills whichever worker process runs it: dead-lettered after max_attempts; others keep flowing."""
+    """A job whose forward pass kills whichever worker process runs it: dead-lettered after max_attempts; the jobs
+    that waited or were batched beside it in the dying processes are spared and succeed."""
     name = stack.start_worker()
     started = time.monotonic()
     [poison] = stack.submit_xrays(1)
@@ -341,7 +345,7 @@ def poison_input(stack: ChaosStack) -> Tally:
             with contextlib.suppress(Exception):
                 fields = stack.stores.jobs.fields(poison)
                 attempt = f"{fields.get('attempts')}:{fields.get('worker_pid')}"
-                if fields.get("status") == "running" and attempt not in killed:
+                if fields.get("status") == "running" and fields.get("computing_at") and attempt not in killed:
                     killed.add(attempt)
                     os.kill(int(fields["worker_pid"]), signal.SIGKILL)
             time.sleep(0.02)

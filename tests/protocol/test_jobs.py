@@ -100,8 +100,10 @@ def test_a_live_lease_fences_off_a_second_claim(store: JobStore, stores: Stores)
 def test_after_a_lease_lapses_only_the_new_attempt_may_write(store: JobStore, stores: Stores) -> None:
     job_id = _create(stores)
     old = _claim(store, job_id, lease_s=1)
+    assert store.begin([(job_id, old.token)]) == [True]
     time.sleep(1.1)
     new = _claim(store, job_id, node="n2")
+    # Its forward pass ran alone when the worker vanished: the job may be what ended it, so it runs alone again.
     assert new.claimed and new.token == 2 and new.lost == 1
     # The old attempt, still computing somewhere, can neither renew, begin nor write its result.
     assert store.renew([(job_id, old.token)], lease_s=30) == [False]
@@ -199,14 +201,14 @@ def test_a_transient_failure_requeues_with_backoff_then_dead_letters(store: JobS
 def test_a_lapsed_lease_is_recovered_then_poison_after_max_attempts(store: JobStore, stores: Stores) -> None:
     job_id = _create(stores, max_attempts=2)
     blob_ref = stores.jobs.fields(job_id)["blob_ref"]
-    _claim(store, job_id, lease_s=0.2)
-    assert store.recover(job_id, backoff_s=0) == "live"
-    time.sleep(0.3)
-    assert store.recover(job_id, backoff_s=0) == "requeued"
-    assert store.view(job_id)["status"] == "queued"
-    _claim(store, job_id, lease_s=0.2)
-    time.sleep(0.3)
-    assert store.recover(job_id, backoff_s=0) == "dead"
+    # Each attempt's forward pass runs alone and its worker dies: the job itself is to blame.
+    for expected in ("requeued", "dead"):
+        claim = _claim(store, job_id, lease_s=0.2)
+        assert store.begin([(job_id, claim.token)]) == [True]
+        assert store.recover(job_id, backoff_s=0) == "live"
+        time.sleep(0.3)
+        assert store.recover(job_id, backoff_s=0) == expected
+        assert store.view(job_id)["status"] == ("queued" if expected == "requeued" else "failed")
     view = store.view(job_id)
     assert view["status"] == "failed" and view["error"]["code"] == "poison"
     assert stores.text.zscore(dead_letter_key(), job_id) is not None
@@ -216,6 +218,42 @@ def test_a_lapsed_lease_is_recovered_then_poison_after_max_attempts(store: JobSt
     view = store.view(job_id)
     assert view["status"] == "queued" and view["attempts"] == 0 and view["error"] is None
     assert store.dead_letters() == []
+
+
+def _die_with_worker(store: JobStore, job_id: str, *, batch_with: str | None = None) -> None:
+    """Claim the job, optionally start its forward pass (beside `batch_with`), and let its worker vanish."""
+    claim = _claim(store, job_id, lease_s=0.2)
+    if batch_with is not None:
+        other = _claim(store, batch_with, lease_s=30)
+        assert store.begin([(job_id, claim.token), (batch_with, other.token)]) == [True, True]
+    time.sleep(0.3)
+    assert store.recover(job_id, backoff_s=0) == "requeued"
+
+
+def test_a_bystander_of_a_dying_worker_is_spared_its_attempts_a_bounded_number_of_times(
+    store: JobStore, stores: Stores
+) -> None:
+    # Given a job that only waited in worker processes that died, max_attempts deaths cost it no attempt
+    job_id = _create(stores, max_attempts=2)
+    for _ in range(2):
+        _die_with_worker(store, job_id)
+    claim = _claim(store, job_id, lease_s=0.2)
+    assert claim.claimed and claim.lost == 0  # not a suspect: it batches with others as usual
+    # ...but a crash loop still ends: past that, each death is charged
+    time.sleep(0.3)
+    assert store.recover(job_id, backoff_s=0) == "requeued"
+    _claim(store, job_id, lease_s=0.2)
+    time.sleep(0.3)
+    assert store.recover(job_id, backoff_s=0) == "dead"
+    assert store.view(job_id)["error"]["code"] == "poison"
+
+
+def test_a_job_whose_shared_batch_died_is_spared_but_runs_alone_next(store: JobStore, stores: Stores) -> None:
+    job_id, neighbour = _create(stores, max_attempts=1), _create(stores)
+    _die_with_worker(store, job_id, batch_with=neighbour)
+    claim = _claim(store, job_id)
+    assert claim.claimed and claim.lost == 1  # a suspect: isolated by the batcher
+    assert _succeed(store, job_id, claim.token) == "ok"
 
 
 def test_a_finished_job_with_a_callback_owes_one(store: JobStore, stores: Stores) -> None:
@@ -238,3 +276,15 @@ def test_blobs_round_trip(stores: Stores) -> None:
     with pytest.raises(BlobMissing):
         stores.blobs.get(blob_ref)
     assert not stores.text.exists(blob_key(blob_ref))
+
+
+def test_pipelined_scripts_run_after_redis_forgot_them(store: JobStore, stores: Stores) -> None:
+    # Given scripts sent by hash in a pipeline, when Redis lost its script cache (a restart), they still run once
+    job_id = _create(stores)
+    stores.text.script_flush()
+    pipe = stores.text.pipeline(transaction=False)
+    store.claim(job_id, node="n1", pid=1, lease_s=30, client=pipe)
+    pipe.exists(job_key(job_id))
+    reply, exists = store.execute(pipe)
+    assert store.claim_result(reply).token == 1 and exists == 1
+    assert store.view(job_id)["status"] == "running" and store.view(job_id)["attempts"] == 1
