@@ -25,6 +25,7 @@ from enum import StrEnum
 from typing import Any
 
 import redis
+from redis.exceptions import NoScriptError
 
 from inferq.protocol import job_scripts
 from inferq.protocol.errors import JobNotCancellable, UnknownJob
@@ -79,7 +80,8 @@ def _json_or_none(text: str | None) -> Any:
 @dataclass(frozen=True)
 class Claim:
     """What a claim got: `outcome` is 'claimed' (then `token` fences this attempt), 'leased', a final status or
-    'missing'. `lost` counts earlier attempts that died with their worker."""
+    'missing'. `lost` is non-zero for a job that may have ended a worker process before (its forward pass was
+    running when one died): such a job runs alone."""
 
     outcome: str
     token: int = 0
@@ -142,7 +144,32 @@ class JobStore:
         return self._redis
 
     def _run(self, name: str, job_id: str, *args: Any, keys: list[str] | None = None, client: Any = None) -> Any:
-        return self._scripts[name](keys=keys or [job_key(job_id)], args=[job_id, *args], client=client)
+        """Run a script now, or queue it on the pipeline `client` by its hash: a pipeline then needs no SCRIPT
+        EXISTS round trip first, and `execute` loads the scripts should Redis have lost them (a restart)."""
+        script, keys = self._scripts[name], keys or [job_key(job_id)]
+        if client is None:
+            return script(keys=keys, args=[job_id, *args])
+        return client.evalsha(script.sha, len(keys), *keys, job_id, *args)
+
+    def execute(self, pipe: Any) -> list[Any]:
+        """Execute a pipeline holding scripts queued by `_run`; raises the first error reply, as `execute()` does.
+        A script Redis had lost runs after the pipeline's other commands: queue none that depends on a script."""
+        stack = list(pipe.command_stack)
+        replies = list(pipe.execute(raise_on_error=False))
+        unloaded = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if unloaded:  # a script that was not loaded did not run: load them all, then run just those again
+            for script in self._scripts.values():
+                pipe.script_load(script.script)
+            for i in unloaded:
+                args, options = stack[i]
+                pipe.execute_command(*args, **options)
+            again = pipe.execute(raise_on_error=False)[len(self._scripts) :]
+            for i, reply in zip(unloaded, again, strict=True):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, redis.ResponseError):
+                raise reply
+        return replies
 
     # --- submission
 
@@ -164,8 +191,8 @@ class JobStore:
             pipe.set(blob_key(job.fields["blob_ref"]), job.blob, ex=blob_ttl_s)  # type: ignore[arg-type]
         for job in jobs:
             keys, args = self._create_args(job.job_id, job.fields, job.idempotency, job.queue_s)
-            self._scripts["CREATE"](keys=keys, args=args, client=pipe)
-        stored = [str(job_id) for job_id in pipe.execute()[len(with_blobs) :]]
+            pipe.evalsha(self._scripts["CREATE"].sha, len(keys), *keys, *args)
+        stored = [str(job_id) for job_id in self.execute(pipe)[len(with_blobs) :]]
         pairs = zip(jobs, stored, strict=True)
         replayed = [blob_key(j.fields["blob_ref"]) for j, s in pairs if s != j.job_id and j.blob is not None]
         if replayed:
@@ -274,15 +301,16 @@ class JobStore:
         pipe = self._redis.pipeline(transaction=False)
         expired = json.dumps(EXPIRED_ERROR)
         for job_id, token in leases:
-            self._run("BEGIN", job_id, token, expired, self.keep_ttl_s, CALLBACK_GRACE_S, client=pipe)
-        return [reply == "ok" for reply in pipe.execute()]
+            # The batch size tells, should the process die now, whether the death proves this job guilty (run alone).
+            self._run("BEGIN", job_id, token, expired, self.keep_ttl_s, CALLBACK_GRACE_S, len(leases), client=pipe)
+        return [reply == "ok" for reply in self.execute(pipe)]
 
     def renew(self, leases: list[tuple[str, int]], *, lease_s: float) -> list[bool]:
         """Extend the leases of live attempts in one round trip; False where the attempt no longer owns its job."""
         pipe = self._redis.pipeline(transaction=False)
         for job_id, token in leases:
             self._run("RENEW", job_id, token, lease_s, client=pipe)
-        return [reply == "ok" for reply in pipe.execute()]
+        return [reply == "ok" for reply in self.execute(pipe)]
 
     def finish(self, outcomes: list[Outcome]) -> list[str]:
         """Write the outcomes of live attempts in one round trip.
@@ -294,7 +322,7 @@ class JobStore:
             payloads = [json.dumps(o.result) if o.result is not None else "", json.dumps(o.error) if o.error else ""]
             args = [o.token, o.status.value, *payloads, self.result_ttl_s, CALLBACK_GRACE_S, o.batch_size]
             self._run("FINISH", o.job_id, *args, client=pipe)
-        return [str(reply) for reply in pipe.execute()]
+        return [str(reply) for reply in self.execute(pipe)]
 
     def hand_off(self, job_id: str, token: int, *, tensor_ref: str, image_info: dict[str, Any] | None) -> str:
         """The decoding stage of the attempt `token` is done: 'ok', or 'fenced' if the attempt lost its job."""
