@@ -8,7 +8,6 @@ queue and their slots, and the load signal `(running + queued) / capacity` that 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -21,7 +20,7 @@ from prometheus_client.registry import Collector
 
 from inferq.config import Settings
 from inferq.producers.readiness import HEARTBEAT_STALE_S
-from inferq.protocol.celery_config import broker_kind, build_celery, stage_queue_names
+from inferq.protocol.celery_config import broker_kind, build_celery, message_job_ids, stage_queue_names
 from inferq.protocol.connections import open_stores
 from inferq.protocol.errors import InferqError
 from inferq.protocol.keys import consumers_key, dead_letter_key, job_key, leases_key, queue_lists, worker_slots_key
@@ -98,7 +97,8 @@ def _oldest_waiting_s(client: redis.Redis, spec: ModelSpec, now_s: float, bucket
     for queue in stage_queue_names(spec):
         for name in queue_lists(queue, buckets=buckets):
             pipe.lindex(name, -1)
-    job_ids = [_message_id(raw) for raw in pipe.execute() if raw]
+    # A chunk of a bulk submission: its first job waited as long as the others.
+    job_ids = [ids[-1] for raw in pipe.execute() if raw and (ids := message_job_ids(raw))]
     if not job_ids:
         return None
     pipe = client.pipeline(transaction=False)
@@ -106,13 +106,6 @@ def _oldest_waiting_s(client: redis.Redis, spec: ModelSpec, now_s: float, bucket
         pipe.hget(job_key(job_id), "submitted_at")
     submitted = [float(s) for s in pipe.execute() if s]
     return max(0.0, now_s - min(submitted)) if submitted else None
-
-
-def _message_id(raw: str) -> str:
-    try:
-        return str(json.loads(raw)["headers"]["id"])
-    except (ValueError, KeyError, TypeError):
-        return ""
 
 
 class ClusterCollector(Collector):

@@ -13,19 +13,17 @@ A message published twice is harmless: a claim hands the job to one attempt only
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 import uuid
 from collections import Counter
-from typing import Any
 
 import redis
 from celery import Celery
 
 from inferq.config import Settings
-from inferq.protocol.celery_config import entry_queue, entry_task, model_queue_names
+from inferq.protocol.celery_config import entry_queue, entry_task, message_job_ids, model_queue_names
 from inferq.protocol.connections import Stores
 from inferq.protocol.fairness import publish_options
 from inferq.protocol.jobs import JobStore
@@ -162,8 +160,8 @@ class Reconciler:
         # sits with a worker that died or was cut off, and comes back only after the visibility timeout (hours).
         pipe.zrangebyscore(KOMBU_UNACKED_INDEX, time.time() - self._settings.lost_message_check_s, "+inf")
         *lists, unacked, recent = pipe.execute()
-        ids = {_message_id(raw) for messages in lists for raw in messages}
-        ids |= {_message_id(unacked[tag], envelope=True) for tag in recent if tag in unacked}
+        ids = {job_id for messages in lists for raw in messages for job_id in message_job_ids(raw)}
+        ids |= {job_id for tag in recent if tag in unacked for job_id in message_job_ids(unacked[tag], envelope=True)}
         return ids
 
     def publish(self, job_id: str) -> bool:
@@ -193,14 +191,3 @@ class Reconciler:
         else:
             self._celery.send_task(entry_task(spec), args=[job_id, blob_ref], task_id=job_id, **routing)
         return True
-
-
-def _message_id(raw: str, *, envelope: bool = False) -> str:
-    """The task id in a kombu Redis message (the unacked hash wraps it as [message, exchange, routing key])."""
-    try:
-        message: Any = json.loads(raw)
-        if envelope:
-            message = message[0]
-        return str(message["headers"]["id"])
-    except (ValueError, KeyError, TypeError, IndexError):
-        return ""

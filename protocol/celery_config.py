@@ -5,6 +5,7 @@ Producers use the app to send tasks by name; workers register the tasks on it; F
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from celery import Celery
@@ -16,9 +17,11 @@ from inferq.protocol.errors import ConfigError
 from inferq.protocol.keys import (
     CALLBACK_QUEUE,
     CALLBACK_TASK,
+    JOBS_HEADER,
     KOMBU_PRIORITY_SEPARATOR,
     KOMBU_PRIORITY_STEPS,
     dead_letter_queue_for,
+    many_task_name_for,
     prep_task_name_for,
     queue_for,
     task_name_for,
@@ -88,6 +91,7 @@ def celery_config(settings: Settings, registry: Registry) -> dict[str, Any]:
         "task_routes": {
             CALLBACK_TASK: {"queue": CALLBACK_QUEUE},
             **{task_name_for(name): {"queue": queue_for(spec.queue_name)} for name, spec in registry.items()},
+            **{many_task_name_for(name): {"queue": queue_for(spec.queue_name)} for name, spec in registry.items()},
             **{
                 prep_task_name_for(name): {"queue": spec.prep_queue_name}
                 for name, spec in registry.items()
@@ -178,6 +182,19 @@ def model_queue_names(registry: Registry) -> list[str]:
 def stage_queue_names(spec: ModelSpec) -> list[str]:
     """One model's job queues: its own, then its decoding stage's where that runs separately."""
     return [spec.queue_name] + ([spec.prep_queue_name] if spec.prep_queue_name else [])
+
+
+def message_job_ids(raw: str | bytes, *, envelope: bool = False) -> list[str]:
+    """The jobs of a kombu Redis message (the unacked hash wraps it as [message, exchange, routing key]): its task
+    id, then the jobs it carries when it is a chunk of a bulk submission; [] for what is not a task message."""
+    try:
+        message: Any = json.loads(raw)
+        if envelope:
+            message = message[0]
+        headers = message["headers"]
+        return [str(headers["id"]), *(str(job_id) for job_id in headers.get(JOBS_HEADER) or [])]
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return []
 
 
 def entry_task(spec: ModelSpec) -> str:

@@ -11,6 +11,9 @@ import hashlib
 PREFIX = "inferq"
 TASK_PREFIX = "inferq.infer"
 PREP_TASK_PREFIX = "inferq.prep"
+MANY_TASK_PREFIX = "inferq.infer_many"
+# A message of `many_task_name_for` names its jobs in this header, so the reconciler sees each job in the broker.
+JOBS_HEADER = "inferq_jobs"
 CALLBACK_TASK = "inferq.deliver_callback"
 CALLBACK_QUEUE = "inferq-callbacks"
 # kombu's Redis transport keeps one list per priority step, named queue + separator + step (step 0: bare name).
@@ -30,6 +33,16 @@ def queue_for(model: str) -> str:
 
 def task_name_for(model: str) -> str:
     return f"{TASK_PREFIX}.{model}"
+
+
+def flower_journal_key() -> str:
+    """The Celery events Flower received, as JSON, for it to replay after a restart (producers.flower)."""
+    return f"{PREFIX}:flower:events"
+
+
+def many_task_name_for(model: str) -> str:
+    """The task that runs a chunk of a bulk submission's jobs (of a model that decodes in its own workers)."""
+    return f"{MANY_TASK_PREFIX}.{model}"
 
 
 def prep_task_name_for(model: str) -> str:

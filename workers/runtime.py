@@ -116,13 +116,19 @@ class WorkerRuntime:
 
     def claim(self, job_id: str, blob_ref: str) -> tuple[Claim, bytes | None]:
         """Claim the job and fetch its upload in one round trip."""
+        [claimed] = self.claim_many([(job_id, blob_ref)])
+        return claimed
+
+    def claim_many(self, jobs: list[tuple[str, str]]) -> list[tuple[Claim, bytes | None]]:
+        """Claim jobs and fetch their uploads in one round trip: (job id, blob ref) in, (claim, upload) out."""
         if self._bytes is None:
             self._bytes = redis_client(self.settings.redis_url_or_default, decode=False)
         pipe = self._bytes.pipeline(transaction=False)
-        self.stores.jobs.claim(job_id, node=self.node, pid=os.getpid(), lease_s=self.settings.lease_s, client=pipe)
-        pipe.get(blob_key(blob_ref))
-        reply, blob = pipe.execute()
-        return self.stores.jobs.claim_result(reply), blob
+        for job_id, blob_ref in jobs:
+            self.stores.jobs.claim(job_id, node=self.node, pid=os.getpid(), lease_s=self.settings.lease_s, client=pipe)
+            pipe.get(blob_key(blob_ref))
+        replies = self.stores.jobs.execute(pipe)
+        return [(self.stores.jobs.claim_result(replies[i]), replies[i + 1]) for i in range(0, len(replies), 2)]
 
     def runner(self, model: str) -> ModelRunner:
         if model not in self._runners:

@@ -12,7 +12,10 @@ import logging
 import time
 import traceback
 import uuid
+from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,7 +30,7 @@ from inferq.protocol.errors import (
     TimeLimitExceeded,
 )
 from inferq.protocol.jobs import Claim, JobStatus, Outcome
-from inferq.protocol.keys import prep_task_name_for, task_name_for
+from inferq.protocol.keys import many_task_name_for, prep_task_name_for, task_name_for
 from inferq.protocol.metrics import record_claim, record_outcome
 from inferq.protocol.priority import stored_priority
 from inferq.protocol.registry import ModelSpec, Registry
@@ -54,6 +57,38 @@ def execute_job(
         blob_ref,
         lambda spec, claim, blob: _attempt(runtime, spec, job_id, claim, blob, prepared=prepared),
     )
+
+
+def execute_jobs(runtime: WorkerRuntime, model: str, job_ids: list[str], blob_refs: list[str]) -> dict[str, Any]:
+    """Run one attempt of each job of a bulk submission's chunk (one Celery message for up to a batch of jobs):
+    claimed in one round trip, decoded, batched, their outcomes written in one round trip. Each job keeps its own
+    record, lease, fencing token, time limit and retries: only the message is shared."""
+    try:
+        claims = runtime.claim_many(list(zip(job_ids, blob_refs, strict=True)))
+    except _TRANSIENT as e:
+        log.warning("%d jobs: job store unreachable at claim (%s)", len(job_ids), type(e).__name__)
+        return {"jobs": len(job_ids), "status": {"unreachable": len(job_ids)}}
+    spec = runtime.registry.get_model(model)
+    summary: Counter[str] = Counter()
+    held: list[tuple[str, Claim, bytes | None]] = []
+    for job_id, (claim, blob) in zip(job_ids, claims, strict=True):
+        if claim.claimed:
+            record_claim(model, token=claim.token, queued_s=claim.queued_s)
+            held.append((job_id, claim, blob))
+        else:
+            log.info("job %s not run: %s", job_id, claim.outcome)
+            summary[claim.outcome] += 1
+    keeper = runtime.leases
+    for job_id, claim, _ in held:
+        if keeper is not None:
+            keeper.hold(job_id, claim.token, model, soft_limit_s=spec.time_limit_s, hard_limit_s=spec.hard_limit_s)
+    try:
+        summary.update(_attempt_many(runtime, spec, held))
+    finally:
+        for job_id, _, _ in held:
+            if keeper is not None:
+                keeper.drop(job_id)
+    return {"jobs": len(job_ids), "status": dict(summary)}
 
 
 def execute_prep(runtime: WorkerRuntime, model: str, job_id: str, blob_ref: str) -> dict[str, Any]:
@@ -123,18 +158,39 @@ def _attempt(
     runtime: WorkerRuntime, spec: ModelSpec, job_id: str, claim: Claim, blob: bytes | None, *, prepared: bool
 ) -> dict[str, Any]:
     started_s = time.monotonic()
+    batcher = runtime.batcher(spec.name)
+    batcher.expect()
     try:
-        status, payload, batch_jobs = _compute(runtime, spec, job_id, claim, blob, prepared=prepared)
-        if time.monotonic() - started_s > spec.time_limit_s:
-            # Past the soft limit before the watchdog looked: the same outcome as if it had.
-            limit = TimeLimitExceeded(f"the job ran past its model's time limit of {spec.time_limit_s:g} s")
-            status, payload = JobStatus.FAILED, limit.to_dict()
+        status, payload, batch_jobs = _await(spec, _submit(runtime, spec, job_id, claim, blob, prepared), started_s)
     except Fenced:
         log.info("job %s: attempt %d was fenced off (cancelled, timed out or taken over)", job_id, claim.token)
         return {"job_id": job_id, "status": "fenced"}
     except _TRANSIENT as e:
         return _release(runtime, job_id, claim, e)
     return _record(runtime, spec, job_id, claim, status, payload, batch_jobs, started_s=started_s)
+
+
+def _attempt_many(runtime: WorkerRuntime, spec: ModelSpec, held: list[tuple[str, Claim, bytes | None]]) -> Counter[str]:
+    """`_attempt` for the claimed jobs of a chunk: all handed to the batcher before any is awaited, so that they
+    share forward passes; the outcomes are written together."""
+    started_s = time.monotonic()
+    batcher = runtime.batcher(spec.name)
+    for _ in held:
+        batcher.expect()  # the batcher waits for the whole chunk rather than run its first job alone
+    submitted = [(job_id, claim, _submit(runtime, spec, job_id, claim, blob, False)) for job_id, claim, blob in held]
+    summary: Counter[str] = Counter()
+    outcomes: list[tuple[str, Claim, JobStatus, dict[str, Any], int]] = []
+    for job_id, claim, pending in submitted:
+        try:
+            outcomes.append((job_id, claim, *_await(spec, pending, started_s)))
+        except Fenced:
+            log.info("job %s: attempt %d was fenced off", job_id, claim.token)
+            summary["fenced"] += 1
+        except _TRANSIENT as e:
+            summary[str(_release(runtime, job_id, claim, e)["status"])] += 1
+    for result in _record_many(runtime, spec, outcomes, started_s=started_s):
+        summary[str(result["status"])] += 1
+    return summary
 
 
 def _record(
@@ -149,61 +205,104 @@ def _record(
     started_s: float,
 ) -> dict[str, Any]:
     """Write the attempt's outcome, if the attempt still owns its job."""
-    outcome = Outcome(
-        job_id,
-        claim.token,
-        status,
-        result=payload if status == JobStatus.SUCCEEDED else None,
-        error=payload if status == JobStatus.FAILED else None,
-        batch_size=batch_jobs,
-    )
+    [result] = _record_many(runtime, spec, [(job_id, claim, status, payload, batch_jobs)], started_s=started_s)
+    return result
+
+
+def _record_many(
+    runtime: WorkerRuntime,
+    spec: ModelSpec,
+    attempts: list[tuple[str, Claim, JobStatus, dict[str, Any], int]],
+    *,
+    started_s: float,
+) -> list[dict[str, Any]]:
+    """Write the outcomes of attempts in one round trip; each is written only if its attempt still owns its job."""
+    outcomes = [
+        Outcome(
+            job_id,
+            claim.token,
+            status,
+            result=payload if status == JobStatus.SUCCEEDED else None,
+            error=payload if status == JobStatus.FAILED else None,
+            batch_size=batch_jobs,
+        )
+        for job_id, claim, status, payload, batch_jobs in attempts
+    ]
+    if not outcomes:
+        return []
     try:
-        [reply] = runtime.stores.jobs.finish([outcome])
+        replies = runtime.stores.jobs.finish(outcomes)
     except _TRANSIENT as e:
-        log.warning("job %s: could not record its outcome (%s); it will run again", job_id, type(e).__name__)
-        return {"job_id": job_id, "status": "unrecorded"}
-    if reply == "ok:callback":
-        runtime.send_callback(job_id)
-    if reply.startswith("ok"):
-        code = str((payload or {}).get("code", "")) if status == JobStatus.FAILED else ""
-        record_outcome(spec.name, status.value, code, queued_s=claim.queued_s, compute_s=time.monotonic() - started_s)
-        record_gpu_memory(runtime.device())
-        log.info("job %s recorded %s (attempt %d, batch of %d)", job_id, status.value, claim.token, batch_jobs)
-    else:
-        log.warning("job %s: outcome of attempt %d not recorded: %s", job_id, claim.token, reply)
-    return {"job_id": job_id, "status": status.value, "batch_size": batch_jobs}
+        log.warning("%d job(s): could not record outcomes (%s); they will run again", len(outcomes), type(e).__name__)
+        return [{"job_id": job_id, "status": "unrecorded"} for job_id, *_ in attempts]
+    compute_s = time.monotonic() - started_s
+    results = []
+    for (job_id, claim, status, payload, batch_jobs), reply in zip(attempts, replies, strict=True):
+        if reply == "ok:callback":
+            runtime.send_callback(job_id)
+        if reply.startswith("ok"):
+            code = str((payload or {}).get("code", "")) if status == JobStatus.FAILED else ""
+            record_outcome(spec.name, status.value, code, queued_s=claim.queued_s, compute_s=compute_s)
+            log.info("job %s recorded %s (attempt %d, batch of %d)", job_id, status.value, claim.token, batch_jobs)
+        else:
+            log.warning("job %s: outcome of attempt %d not recorded: %s", job_id, claim.token, reply)
+        results.append({"job_id": job_id, "status": status.value, "batch_size": batch_jobs})
+    record_gpu_memory(runtime.device())
+    return results
 
 
-def _compute(
-    runtime: WorkerRuntime, spec: ModelSpec, job_id: str, claim: Claim, blob: bytes | None, *, prepared: bool
-) -> tuple[JobStatus, dict[str, Any], int]:
-    """Decode here (unless a decoding stage did), run through the model's batcher; a bad input or a failing model
-    fails only this job."""
+@dataclass
+class _Pending:
+    """A job handed to its batcher (`future`, and what decoding learned of the input), or already decided
+    (`outcome`: a bad input)."""
+
+    job_id: str
+    future: Future[BatchOutput] | None = None
+    info: Any = None
+    outcome: tuple[JobStatus, dict[str, Any], int] | None = None
+
+
+def _submit(
+    runtime: WorkerRuntime, spec: ModelSpec, job_id: str, claim: Claim, blob: bytes | None, prepared: bool
+) -> _Pending:
+    """Decode here (unless a decoding stage did) and hand the rows to the model's batcher, which the caller told to
+    `expect` the job; a bad input fails only this job."""
     batcher = runtime.batcher(spec.name)
-    batcher.expect()
     try:
         if blob is None:
             raise BlobMissing("the upload of this job is no longer stored")
         rows, info = unpack(blob) if prepared else runtime.runner(spec.name).prepare(blob)
     except Exception as e:
         batcher.unexpect()
-        return _failure(job_id, e)
-    # A job that already ended its worker once runs alone, so that it cannot take a batch of others down with it.
+        return _Pending(job_id, outcome=_failure(job_id, e))
     future = batcher.submit(
         job_id,
         claim.token,
         _with_batch_axis(spec, rows),
+        # A job that may have ended its worker before runs alone: it cannot take a batch of others down with it.
         isolate=claim.lost > 0,
         priority=stored_priority(claim.priority).rank,
         deadline_s=claim.expires_at_s,
     )
+    return _Pending(job_id, future=future, info=info)
+
+
+def _await(spec: ModelSpec, pending: _Pending, started_s: float) -> tuple[JobStatus, dict[str, Any], int]:
+    """The job's outcome once its batch ran; raises `Fenced` or a transient error for the caller's retry path."""
+    if pending.future is None:
+        assert pending.outcome is not None
+        return pending.outcome
     try:
-        output: BatchOutput = future.result()
+        output = pending.future.result()
     except (Fenced, *_TRANSIENT):
         raise
     except Exception as e:
-        return _failure(job_id, e)
-    return JobStatus.SUCCEEDED, build_result(spec, output.rows, info), output.batch_jobs
+        return _failure(pending.job_id, e)
+    if time.monotonic() - started_s > spec.time_limit_s:
+        # Past the soft limit before the watchdog looked: the same outcome as if it had.
+        limit = TimeLimitExceeded(f"the job ran past its model's time limit of {spec.time_limit_s:g} s")
+        return JobStatus.FAILED, limit.to_dict(), 0
+    return JobStatus.SUCCEEDED, build_result(spec, output.rows, pending.info), output.batch_jobs
 
 
 def _with_batch_axis(spec: ModelSpec, rows: np.ndarray) -> np.ndarray:
@@ -236,6 +335,10 @@ def _make_task(app: Celery, spec: ModelSpec, runtime: Callable[[], WorkerRuntime
     def infer(job_id: str, blob_ref: str, prepared: bool = False) -> dict[str, Any]:
         return execute_job(runtime(), spec.name, job_id, blob_ref, prepared=prepared)
 
+    @app.task(name=many_task_name_for(spec.name), ignore_result=True)
+    def infer_many(job_ids: list[str], blob_refs: list[str]) -> dict[str, Any]:
+        return execute_jobs(runtime(), spec.name, job_ids, blob_refs)
+
     if spec.preprocess == "separate":
 
         @app.task(name=prep_task_name_for(spec.name), ignore_result=True)
@@ -248,4 +351,4 @@ def register_tasks(app: Celery, registry: Registry, runtime: Callable[[], Worker
         _make_task(app, spec, runtime)
 
 
-__all__ = ["execute_job", "execute_prep", "register_tasks"]
+__all__ = ["execute_job", "execute_jobs", "execute_prep", "register_tasks"]

@@ -39,6 +39,7 @@ labels = ["fraud"]
 output_name = "fraud_probability"
 architecture = {{ name = "mlp", hidden = [64, 32] }}
 input = {{ kind = "tensor", name = "transactions", shape = [-1, 30], datatype = "FP32" }}
+max_batch_size = 16
 """
 
 

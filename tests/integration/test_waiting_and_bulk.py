@@ -12,7 +12,12 @@ from typing import Any
 import httpx
 import pytest
 
+from inferq.config import Settings
 from inferq.producers.demo import fraud_example
+from inferq.producers.operations import build_reconciler
+from inferq.protocol.celery_config import message_job_ids
+from inferq.protocol.connections import redis_client
+from inferq.protocol.keys import many_task_name_for, published_key, queue_lists
 from tests.integration.conftest import Stack
 
 pytestmark = pytest.mark.slow
@@ -112,6 +117,43 @@ def test_a_json_bulk_submission_makes_independent_jobs_and_a_bad_item_fails_alon
     assert answer["pending"] == 0
     assert [j["status"] for j in answer["jobs"]] == ["succeeded"] * 4
     assert [j["result"]["outputs"][0]["shape"][0] for j in answer["jobs"]] == [1, 2, 3, 4]
+
+
+def test_a_bulk_submission_travels_in_chunks_and_each_job_stays_its_own(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given five jobs of a model that no worker serves, submitted in one bulk request
+    body = {"jobs": [{"inputs": fraud_example(rows=1)} for _ in range(5)]}
+    url = f"{stack.api_url}/v1/models/fraud-idle/jobs/bulk"
+    job_ids = [e["job_id"] for e in httpx.post(url, json=body, headers=stack.auth, timeout=60).json()["jobs"]]
+    # Then they wait in the broker as one message that names each of its jobs
+    for name, value in stack.env.items():
+        if name.startswith("INFERQ_"):
+            monkeypatch.setenv(name, value)
+    settings = Settings()
+    broker = redis_client(stack.redis_url, decode=True)
+    lists = queue_lists("fraud-idle", buckets=settings.tenant_buckets)
+    chunks = [
+        json.loads(raw)
+        for name in lists
+        for raw in broker.lrange(name, 0, -1)
+        if set(job_ids) & set(message_job_ids(raw))
+    ]
+    assert len(chunks) == 1 and chunks[0]["headers"]["task"] == many_task_name_for("fraud-idle")
+    assert message_job_ids(json.dumps(chunks[0]))[1:] == job_ids
+    # And each job is still its own: one is cancelled, the others stay queued
+    assert httpx.delete(f"{stack.api_url}/v1/jobs/{job_ids[2]}", headers=stack.auth).status_code == 200
+    states = [httpx.get(f"{stack.api_url}/v1/jobs/{j}", headers=stack.auth).json()["status"] for j in job_ids]
+    assert states == ["queued", "queued", "cancelled", "queued", "queued"]
+    # And the lost-message check finds them in the broker: none is published a second time
+    published = [broker.zscore(published_key(), j) for j in job_ids]
+    monkeypatch.setenv("INFERQ_LOST_MESSAGE_CHECK_S", "0.01")
+    time.sleep(0.05)
+    build_reconciler(Settings()).tick(check_lost=True)
+    assert [broker.zscore(published_key(), j) for j in job_ids] == published
+    assert (
+        sum(1 for name in lists for raw in broker.lrange(name, 0, -1) if set(job_ids) & set(message_job_ids(raw))) == 1
+    )
 
 
 def test_a_bulk_request_retried_with_its_idempotency_key_gets_the_same_jobs(stack: Stack) -> None:

@@ -40,6 +40,9 @@ def test_each_model_has_its_own_queue_and_route() -> None:
     assert app.conf.task_routes == {
         "inferq.infer.chest-xray": {"queue": "chest-xray"},
         "inferq.infer.fraud": {"queue": "fraud"},
+        # A bulk submission's chunks travel on the model's queue too.
+        "inferq.infer_many.chest-xray": {"queue": "chest-xray"},
+        "inferq.infer_many.fraud": {"queue": "fraud"},
         "inferq.deliver_callback": {"queue": "inferq-callbacks"},
     }
     queues = app.conf.task_queues
