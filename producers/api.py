@@ -413,7 +413,7 @@ def _register_bulk_routes(app: FastAPI, state: ApiState) -> None:
         items = [_for_tenant(item, principal.tenant) for item in items]
         readable = [item for item in items if isinstance(item, SubmitItem)]
         submitted = await run_in_threadpool(state.submitter.submit_many, model, readable) if readable else []
-        jobs = [_bulk_entry(request, outcome) for outcome in outcomes_of(items, submitted)]
+        jobs = _bulk_entries(request, outcomes_of(items, submitted))
         accepted = sum("job_id" in job for job in jobs)
         return {"accepted": accepted, "rejected": len(jobs) - accepted, "jobs": jobs}
 
@@ -439,11 +439,20 @@ def _for_tenant(item: SubmitItem | ClientError, tenant: str) -> SubmitItem | Cli
     return dataclasses.replace(item, options=dataclasses.replace(item.options, tenant=tenant))
 
 
-def _bulk_entry(request: Request, outcome: Receipt | InferqError) -> dict[str, Any]:
-    if isinstance(outcome, InferqError):
-        return {"error": outcome.to_dict()}
-    status_url = str(request.url_for("get_job", job_id=outcome.job_id))
-    return {"job_id": outcome.job_id, "status": outcome.status, "status_url": status_url, "replayed": outcome.replayed}
+def _bulk_entries(request: Request, outcomes: list[Receipt | InferqError]) -> list[dict[str, Any]]:
+    # One route lookup for the whole request: starlette's `url_for` scans the routes each time.
+    template = str(request.url_for("get_job", job_id="{job_id}")).replace("%7Bjob_id%7D", "{job_id}")
+    return [
+        {"error": outcome.to_dict()}
+        if isinstance(outcome, InferqError)
+        else {
+            "job_id": outcome.job_id,
+            "status": outcome.status,
+            "status_url": template.replace("{job_id}", outcome.job_id),
+            "replayed": outcome.replayed,
+        }
+        for outcome in outcomes
+    ]
 
 
 def _register_model_routes(app: FastAPI, state: ApiState) -> None:
