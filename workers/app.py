@@ -20,7 +20,7 @@ from celery.signals import celeryd_after_setup, worker_process_init, worker_shut
 
 from inferq.config import Settings
 from inferq.protocol.callbacks import register_callback_task
-from inferq.protocol.celery_config import build_celery, model_queue_names
+from inferq.protocol.celery_config import build_celery, default_slots, model_queue_names
 from inferq.protocol.errors import InferqError
 from inferq.protocol.fairness import publish_options
 from inferq.protocol.jobs import Claim
@@ -38,6 +38,27 @@ registry = load_registry(settings.registry_path)
 app = build_celery(settings, registry)
 runtime = WorkerRuntime(settings, registry)
 register_tasks(app, registry, lambda: runtime)
+
+
+def _queues_in(argv: list[str]) -> set[str]:
+    """The queues of `celery worker -Q a,b` (also `-Qa,b`, `--queues a,b`, `--queues=a,b`) on this command line."""
+    names: set[str] = set()
+    for i, word in enumerate(argv):
+        if word in ("-Q", "--queues") and i + 1 < len(argv):
+            names.update(argv[i + 1].split(","))
+        elif word.startswith("--queues="):
+            names.update(word.removeprefix("--queues=").split(","))
+        elif word.startswith("-Q") and len(word) > 2:
+            names.update(word[2:].split(","))
+    return {name.strip() for name in names}
+
+
+# A node started without `-c` holds one batch of the models it serves, not of the registry's largest: more slots
+# than a batch let routine jobs fetched ahead delay a STAT job (protocol.celery_config). Celery reads this default
+# when it parses the worker's options, after importing this module; the queues are known only from the command line.
+_served = [s for s in registry.values() if {s.queue_name, s.prep_queue_name} & _queues_in(sys.argv)]
+if _served:
+    app.conf.worker_concurrency = default_slots(_served)
 register_callback_task(app, settings)
 runtime.send_callback = lambda job_id: _send_callback(job_id)
 runtime.send_prepared = lambda model, job_id, tensor_ref, claim: _send_prepared(model, job_id, tensor_ref, claim)
