@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     api_port: int = Field(default=8000, ge=0, le=65535)
     flower_host: str = Field(default="127.0.0.1", description="Loopback unless told otherwise.")
     flower_port: int = Field(default=5555, ge=0, le=65535)
+    flower_journal_events: int = Field(
+        default=200_000,
+        ge=1000,
+        description="Celery events kept in Redis for Flower to replay after a restart (about 3 per task).",
+    )
 
     # --- workers
     device: Literal["cpu", "cuda"] = Field(default="cpu", description="Where a worker runs its models.")

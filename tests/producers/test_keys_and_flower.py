@@ -6,15 +6,21 @@ import json
 import os
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import httpx
 
+from inferq.config import Settings
 from inferq.producers.api_keys import ApiKeyStore
 from inferq.producers.flower import CONTROL_ROUTE_PREFIXES
 from inferq.producers.redis_server import free_port
 from inferq.producers.stack import ServiceStack
+from inferq.protocol.celery_config import build_celery
 from inferq.protocol.connections import redis_client
+from inferq.protocol.keys import flower_journal_key
+from inferq.protocol.registry import load_registry
 from tests.conftest import dump_redis
 
 
@@ -76,5 +82,45 @@ def test_flower_asks_for_credentials_and_has_no_control_api(redis_url: str, tmp_
             assert response.status_code == 404, prefix
         cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes()
         assert b"correct-horse" not in cmdline
-        # Not persistent mode: Flower's state file would be a shelve (pickle), so none is written.
+        # Not Flower's own persistent mode: its state file would be a shelve (pickle), so none is written.
         assert not list(tmp_path.rglob("flower.db*"))
+
+
+def _flower_tasks(base: str, login: tuple[str, str], task_id: str, *, timeout_s: float = 30.0) -> dict[str, object]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        tasks = httpx.get(f"{base}/api/tasks", auth=login, timeout=10).json()
+        if task_id in tasks and tasks[task_id].get("state") == "SUCCESS":
+            return dict(tasks[task_id])
+        time.sleep(0.3)
+    raise AssertionError(f"Flower never showed task {task_id} as done")
+
+
+def test_flower_keeps_its_tasks_across_a_restart_without_pickle(redis_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "INFERQ_REDIS_URL": redis_url, "INFERQ_FLOWER_PORT": str(port)}
+    env["INFERQ_FLOWER_BASIC_AUTH"] = "officer:correct-horse"
+    env["INFERQ_DATA_DIR"] = str(tmp_path / "data")
+    base, login = f"http://127.0.0.1:{port}", ("officer", "correct-horse")
+    app = build_celery(Settings(redis_url=redis_url), load_registry(Settings().registry_path))
+    task_id = uuid.uuid4().hex
+    with ServiceStack(env, tmp_path) as services:
+        services.start("flower", "flower")
+        services.wait_http(f"{base}/healthcheck", timeout_s=60)
+        # Given a task's life, sent as a worker sends its events
+        with app.events.default_dispatcher(hostname="inferq-cpu-0@test") as dispatcher:
+            time.sleep(1.0)  # Flower subscribes to the event channel just after it answers
+            dispatcher.send("task-received", uuid=task_id, name="inferq.infer.fraud", args="['job']", kwargs="{}")
+            dispatcher.send("task-started", uuid=task_id)
+            dispatcher.send("task-succeeded", uuid=task_id, result="{'status': 'succeeded'}", runtime=0.01)
+        assert _flower_tasks(base, login, task_id)["name"] == "inferq.infer.fraud"
+        # When Flower restarts
+        services.stop()
+        journal = redis_client(redis_url, decode=True).xrange(flower_journal_key())
+        assert len(journal) >= 3 and all(json.loads(fields["event"])["type"] for _, fields in journal)
+        services.start("flower", "flower")
+        services.wait_http(f"{base}/healthcheck", timeout_s=60)
+        # Then it still shows the task, restored from the journal (JSON in Redis), with no shelve file anywhere
+        restored = _flower_tasks(base, login, task_id, timeout_s=5.0)
+        assert restored["name"] == "inferq.infer.fraud" and restored["worker"] == "inferq-cpu-0@test"
+    assert not list(tmp_path.rglob("flower.db*")) and not list(Path.cwd().glob("flower.db*"))
