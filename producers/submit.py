@@ -7,7 +7,6 @@ one task per chunk of up to `max_batch_size` jobs, each job still its own record
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import uuid
 from collections.abc import Sequence
@@ -16,17 +15,16 @@ from typing import Any
 
 import redis
 from celery import Celery
-from kombu import Connection
 from kombu.exceptions import OperationalError
 
 from inferq.config import Settings
-from inferq.protocol.celery_config import broker_kind, entry_queue, entry_task, stage_queue_names
+from inferq.protocol.celery_config import entry_queue, entry_task
 from inferq.protocol.connections import Stores
 from inferq.protocol.errors import BackendUnavailable, ClientError, InferqError, InvalidRequest, QueueFull
 from inferq.protocol.fairness import publish_options
 from inferq.protocol.intake import FileUpload, TensorUpload, ValidatedInput, validate_input
 from inferq.protocol.jobs import JobStatus, NewJob, new_job_id
-from inferq.protocol.keys import JOBS_HEADER, idempotency_token, many_task_name_for, queue_lists, tenant_queues
+from inferq.protocol.keys import JOBS_HEADER, idempotency_token, many_task_name_for
 from inferq.protocol.priority import DEFAULT_PRIORITY, Priority, parse_priority
 from inferq.protocol.registry import ModelSpec, Registry
 
@@ -232,41 +230,10 @@ class JobSubmitter:
         return BackendUnavailable("the broker is unavailable; try again")
 
     def queue_depths(self, models: Sequence[str] | None = None) -> dict[str, int]:
-        """Messages waiting per model (all models by default), summed over kombu's priority lists, the tenant
-        sub-queues and, where decoding runs apart, both stages' queues."""
+        """Jobs waiting per model (all models by default): queued records, whichever broker carries them and however
+        many travel in one message (a bulk chunk), at either stage of a model that decodes apart."""
         names = list(models) if models is not None else list(self._registry)
-        if broker_kind(self._settings.broker_url_or_default) == "amqp":
-            return self._amqp_queue_depths(names)
-        buckets = self._settings.tenant_buckets
-        lists = {
-            model: [
-                name
-                for queue in stage_queue_names(self._registry[model])
-                for name in queue_lists(queue, buckets=buckets)
-            ]
-            for model in names
-        }
-        pipe = self._stores.text.pipeline()
-        for keys in lists.values():
-            for key in keys:
-                pipe.llen(key)
-        counts = iter(pipe.execute())
-        return {model: sum(next(counts) for _ in keys) for model, keys in lists.items()}
-
-    def _amqp_queue_depths(self, names: list[str]) -> dict[str, int]:
-        """Ready messages per model, from a passive declare (it reads the count and creates nothing)."""
-        with self._celery.connection_for_read() as connection:
-            try:
-                return {
-                    model: sum(_ready_messages(connection, queue) for queue in self._queues_of(model))
-                    for model in names
-                }
-            except (*connection.connection_errors, OperationalError) as e:
-                raise BackendUnavailable("the broker does not answer") from e
-
-    def _queues_of(self, model: str) -> list[str]:
-        buckets = self._settings.tenant_buckets
-        return [name for queue in stage_queue_names(self._registry[model]) for name in tenant_queues(queue, buckets)]
+        return self._stores.jobs.model_queue_depths(names)
 
 
 def _chunks(spec: ModelSpec, jobs: list[NewJob]) -> list[list[NewJob]]:
@@ -288,14 +255,3 @@ def _chunks(spec: ModelSpec, jobs: list[NewJob]) -> list[list[NewJob]]:
 
 def _routing_of(job: NewJob) -> tuple[str, str, float | None]:
     return job.fields["tenant"], job.fields["priority"], job.queue_s
-
-
-def _ready_messages(connection: Connection, queue: str) -> int:
-    channel = connection.channel()
-    try:
-        return int(channel.queue_declare(queue=queue, passive=True).message_count)
-    except connection.channel_errors:
-        return 0  # not declared yet: no worker started and no job sent, so nothing waits
-    finally:
-        with contextlib.suppress(*connection.channel_errors, *connection.connection_errors):
-            channel.close()

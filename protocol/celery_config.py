@@ -12,6 +12,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from inferq.config import Settings
+from inferq.protocol import redis_transport
 from inferq.protocol.connections import tls_options
 from inferq.protocol.errors import ConfigError
 from inferq.protocol.keys import (
@@ -73,6 +74,7 @@ def celery_config(settings: Settings, registry: Registry) -> dict[str, Any]:
         )
     return {
         "broker_url": broker_url,
+        **({"broker_transport": redis_transport.TRANSPORT} if broker_url.lower().startswith("redis://") else {}),
         # No result backend: the job record is the source of truth, and writing Celery's copy cost a round trip.
         "task_ignore_result": True,
         # JSON only, in messages and events: no Python object serialization anywhere.

@@ -18,6 +18,7 @@ from inferq.protocol.keys import (
     done_channel,
     failures_key,
     leases_key,
+    model_waiting_key,
     published_key,
     queued_key,
     retries_key,
@@ -48,6 +49,16 @@ local function tenant_waiting()
   return '{tenant_waiting_key("", "")[:-1]}' .. (redis.call('HGET', J, 'tenant') or '') .. ':' ..
     (redis.call('HGET', J, 'model') or '')
 end
+-- Per model: its waiting jobs, whatever their tenant or however many travel in one message: the queue depth.
+local function model_waiting() return '{model_waiting_key("")}' .. (redis.call('HGET', J, 'model') or '') end
+local function wait_add(score)
+  redis.call('ZADD', tenant_waiting(), score, ID)
+  redis.call('ZADD', model_waiting(), score, ID)
+end
+local function wait_remove()
+  redis.call('ZREM', tenant_waiting(), ID)
+  redis.call('ZREM', model_waiting(), ID)
+end
 local function tenant_jobs() return '{tenant_jobs_key("")}' .. (redis.call('HGET', J, 'tenant') or '') end
 -- Cluster-wide counters for /metrics: one hash per counter, the field is the label values joined by '|'.
 local function count(name, labels) redis.call('HINCRBY', '{_STATS_PREFIX}' .. name, labels, 1) end
@@ -62,7 +73,7 @@ end
 local function finalize(status, result, err, keep_ttl, keep_blob, callback_grace)
   redis.call('HSET', J, 'status', status, 'finished_at', now, 'result', result, 'error', err)
   redis.call('HDEL', J, 'lease_until')
-  redis.call('ZREM', tenant_waiting(), ID)
+  wait_remove()
   redis.call('EXPIRE', J, keep_ttl)
   if keep_blob then redis.call('EXPIRE', blob_key(), keep_ttl) else redis.call('DEL', blob_key()) end
   local tensor = redis.call('HGET', J, 'tensor_ref')
@@ -107,7 +118,7 @@ local function requeue(backoff_s, err)
   redis.call('ZREM', LEASES, ID)
   redis.call('ZADD', RETRIES, now + backoff_s, ID)
   redis.call('ZADD', QUEUED, num('expires_at'), ID)
-  redis.call('ZADD', tenant_waiting(), num('submitted_at'), ID)
+  wait_add(num('submitted_at'))
 end
 -- Out of attempts: fail with the last error (or `poison` when the attempts died with their worker), and keep
 -- the upload so that an operator can requeue the job from the dead-letter list.
@@ -135,7 +146,7 @@ redis.call('HSET', J, 'submitted_at', now, 'expires_at', expires_at, 'status', '
 redis.call('EXPIRE', J, ARGV[3])
 redis.call('ZADD', QUEUED, expires_at, ID)
 redis.call('ZADD', PUBLISHED, now, ID)
-redis.call('ZADD', tenant_waiting(), now, ID)
+wait_add(now)
 redis.call('ZADD', tenant_jobs(), now, ID)
 -- The tenant's job index forgets what the records themselves have forgotten.
 redis.call('ZREMRANGEBYSCORE', tenant_jobs(), '-inf', now - tonumber(ARGV[3]))
@@ -176,7 +187,7 @@ redis.call('ZADD', LEASES, lease_until, ID)
 redis.call('ZREM', QUEUED, ID)
 redis.call('ZREM', PUBLISHED, ID)
 redis.call('ZREM', RETRIES, ID)
-redis.call('ZREM', tenant_waiting(), ID)
+wait_remove()
 count('claims', model())
 if token > 1 then count('redeliveries', model()) end
 local order = redis.call('HMGET', J, 'priority', 'expires_at', 'tenant')
@@ -286,7 +297,7 @@ redis.call('ZREM', DEAD, ID)
 redis.call('ZREM', CALLBACKS, ID)
 redis.call('ZADD', QUEUED, expires_at, ID)
 redis.call('ZADD', PUBLISHED, now, ID)
-redis.call('ZADD', tenant_waiting(), now, ID)
+wait_add(now)
 return 'ok'
 """
 
@@ -319,7 +330,7 @@ local status = redis.call('HGET', J, 'status')
 if status and status ~= 'queued' then return status end
 if KEYS[2] ~= J and redis.call('GET', KEYS[2]) == ID then redis.call('DEL', KEYS[2]) end
 redis.call('DEL', blob_key())
-redis.call('ZREM', tenant_waiting(), ID)
+wait_remove()
 redis.call('ZREM', tenant_jobs(), ID)
 redis.call('DEL', J)
 redis.call('ZREM', QUEUED, ID)
@@ -337,6 +348,6 @@ redis.call('HDEL', J, 'lease_until', 'computing_at')
 redis.call('ZREM', LEASES, ID)
 redis.call('ZADD', QUEUED, num('expires_at') + 0, ID)
 redis.call('ZADD', PUBLISHED, now, ID)
-redis.call('ZADD', tenant_waiting(), num('submitted_at'), ID)
+wait_add(num('submitted_at'))
 return 'ok'
 """

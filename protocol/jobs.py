@@ -36,6 +36,7 @@ from inferq.protocol.keys import (
     idempotency_key,
     job_key,
     leases_key,
+    model_waiting_key,
     published_key,
     retries_key,
     tenant_jobs_key,
@@ -266,6 +267,13 @@ class JobStore:
         pipe = self._redis.pipeline(transaction=False)
         for model in models:
             pipe.zcard(tenant_waiting_key(tenant, model))
+        return {model: int(count) for model, count in zip(models, pipe.execute(), strict=True)}
+
+    def model_queue_depths(self, models: Sequence[str]) -> dict[str, int]:
+        """Waiting jobs per model, of every tenant, in one round trip."""
+        pipe = self._redis.pipeline(transaction=False)
+        for model in models:
+            pipe.zcard(model_waiting_key(model))
         return {model: int(count) for model, count in zip(models, pipe.execute(), strict=True)}
 
     def tenant_job_ids(self, tenant: str, *, limit: int, before_s: float | None = None) -> list[str]:

@@ -150,6 +150,12 @@ def idempotency_token(tenant: str, model: str, key: str) -> str:
     return digest.hexdigest()
 
 
+def model_waiting_key(model: str) -> str:
+    """Sorted set of a model's waiting jobs (queued records, of every tenant), by submission time: its queue depth
+    in jobs, however many of them travel in one message."""
+    return f"{PREFIX}:mq:{model}"
+
+
 def tenant_waiting_key(tenant: str, model: str) -> str:
     """Sorted set of a tenant's waiting jobs of one model, by submission time: the queue as that tenant sees it."""
     return f"{PREFIX}:tq:{tenant}:{model}"

@@ -17,6 +17,7 @@ from inferq.producers.demo import fraud_example
 from inferq.producers.operations import build_reconciler
 from inferq.protocol.celery_config import message_job_ids
 from inferq.protocol.connections import redis_client
+from inferq.protocol.jobs import JobStore
 from inferq.protocol.keys import many_task_name_for, published_key, queue_lists
 from tests.integration.conftest import Stack
 
@@ -123,10 +124,14 @@ def test_a_bulk_submission_travels_in_chunks_and_each_job_stays_its_own(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given five jobs of a model that no worker serves, submitted in one bulk request
+    jobs = JobStore(redis_client(stack.redis_url, decode=True), queued_ttl_s=60, result_ttl_s=60)
+    [depth_before] = jobs.model_queue_depths(["fraud-idle"]).values()
     body = {"jobs": [{"inputs": fraud_example(rows=1)} for _ in range(5)]}
     url = f"{stack.api_url}/v1/models/fraud-idle/jobs/bulk"
     job_ids = [e["job_id"] for e in httpx.post(url, json=body, headers=stack.auth, timeout=60).json()["jobs"]]
-    # Then they wait in the broker as one message that names each of its jobs
+    # Then the queue depth (backpressure, metrics, `inferq status`) counts five jobs, not one message
+    assert jobs.model_queue_depths(["fraud-idle"]) == {"fraud-idle": depth_before + 5}
+    # And they wait in the broker as one message that names each of its jobs
     for name, value in stack.env.items():
         if name.startswith("INFERQ_"):
             monkeypatch.setenv(name, value)
@@ -145,6 +150,7 @@ def test_a_bulk_submission_travels_in_chunks_and_each_job_stays_its_own(
     assert httpx.delete(f"{stack.api_url}/v1/jobs/{job_ids[2]}", headers=stack.auth).status_code == 200
     states = [httpx.get(f"{stack.api_url}/v1/jobs/{j}", headers=stack.auth).json()["status"] for j in job_ids]
     assert states == ["queued", "queued", "cancelled", "queued", "queued"]
+    assert jobs.model_queue_depths(["fraud-idle"]) == {"fraud-idle": depth_before + 4}
     # And the lost-message check finds them in the broker: none is published a second time
     published = [broker.zscore(published_key(), j) for j in job_ids]
     monkeypatch.setenv("INFERQ_LOST_MESSAGE_CHECK_S", "0.01")
