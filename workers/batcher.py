@@ -155,14 +155,7 @@ class DynamicBatcher:
             first = self._take_first()
             if first.isolate:
                 return [first]
-            batch, rows = [first], len(first.rows)
-            while rows < self._max_rows:
-                nxt = self._take_fitting(self._max_rows - rows, priority=first.priority)
-                if nxt is None:
-                    break
-                batch.append(nxt)
-                rows += len(nxt.rows)
-            return batch
+            return self._fill(first)
 
     def _gather(self) -> None:
         """Wait, at most `batch_wait_ms`, while jobs are on their way and a batch's worth is not here yet."""
@@ -178,16 +171,19 @@ class DynamicBatcher:
         best = min(range(len(self._items)), key=lambda i: self._items[i].order)
         return self._items.pop(best)
 
-    def _take_fitting(self, room_rows: int, *, priority: int) -> _Item | None:
-        candidates = [
-            i
-            for i, item in enumerate(self._items)
-            if not item.isolate and len(item.rows) <= room_rows and item.priority == priority
-        ]
-        if not candidates:
-            return None
-        best = min(candidates, key=lambda i: self._items[i].order)
-        return self._items.pop(best)
+    def _fill(self, first: _Item) -> list[_Item]:
+        """`first` and, in order (most urgent, earliest deadline, oldest), each waiting job of its priority that still
+        fits: one sorted pass, as a bulk chunk brings a hundred jobs at once."""
+        batch, rows = [first], len(first.rows)
+        for item in sorted(self._items, key=lambda waiting: waiting.order):
+            if rows >= self._max_rows:
+                break
+            if not item.isolate and item.priority == first.priority and rows + len(item.rows) <= self._max_rows:
+                batch.append(item)
+                rows += len(item.rows)
+        taken = {id(item) for item in batch}
+        self._items = [item for item in self._items if id(item) not in taken]
+        return batch
 
     def _run(self, batch: list[_Item]) -> None:
         try:
