@@ -99,8 +99,20 @@ class Monitor:
         self._error: BaseException | None = None
 
     def start(self) -> None:
+        """Start listening; returns once MONITOR is live. A marker sent before Redis has switched the connection to
+        MONITOR is never seen, so markers are sent until one is."""
         self._thread.start()
-        self.mark("started")
+        deadline = time.monotonic() + 10.0
+        for attempt in range(1_000_000):
+            text = f"started-{attempt}"
+            self._marker_client.echo(f"{_MARKER}:{text}")
+            key = f"seen:{text}"
+            with self._seen:
+                self._seen.wait_for(lambda: key in self._captures or self._error is not None, 0.2)  # noqa: B023
+                if key in self._captures:
+                    return
+            if self._error is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"MONITOR did not start: {self._error!r}")
 
     def _listen(self) -> None:
         try:
