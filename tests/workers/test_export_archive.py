@@ -90,3 +90,15 @@ def test_archives_that_would_unpickle_or_run_native_code_are_refused(
 ) -> None:
     with pytest.raises(ModelLoadError, match=reason):
         check_export_archive(make(_archive()))
+
+
+def test_loading_an_export_archive_never_calls_an_unpickler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "tiny.pt2"
+    path.write_bytes(_archive())
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    model = load_model(_tiny_spec(path, "torch-export"), Settings(models_dir=tmp_path), CPU)
+    assert model(torch.randn(4, 6)).shape == (4, 2)
