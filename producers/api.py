@@ -34,9 +34,9 @@ from inferq.producers.metrics import ClusterCollector, api_metrics_registry
 from inferq.producers.readiness import consumers_per_model, served_models
 from inferq.producers.submit import JobSubmitter, Receipt, SubmitItem, SubmitOptions
 from inferq.producers.waiting import CompletionHub, is_final, prefer_wait_s, wait_for_jobs
-from inferq.protocol.celery_config import broker_kind, build_celery
+from inferq.protocol.celery_config import build_celery
 from inferq.protocol.codec import TensorPayload
-from inferq.protocol.connections import Stores, open_stores
+from inferq.protocol.connections import Stores, stores_for
 from inferq.protocol.errors import (
     BackendUnavailable,
     ClientError,
@@ -494,14 +494,7 @@ def _register_health_routes(app: FastAPI, state: ApiState) -> None:
 def _register_metrics_route(app: FastAPI, state: ApiState) -> None:
     # Open like the health probes, so that Prometheus scrapes it without a key: it carries models, queues, statuses,
     # error codes and counts, never a job id, a tenant or anything from an upload. Keep it off the public network.
-    redis_broker = broker_kind(state.settings.broker_url_or_default) == "redis"
-    collector = ClusterCollector(
-        state.stores.text,
-        state.registry,
-        state.submitter.queue_depths,
-        redis_broker=redis_broker,
-        tenant_buckets=state.settings.tenant_buckets,
-    )
+    collector = ClusterCollector(state.stores.text, state.registry, state.stores.jobs)
     registry = api_metrics_registry(collector)
 
     @app.get("/metrics", summary="Prometheus metrics of the cluster (no authentication, nothing sensitive)")
@@ -512,12 +505,7 @@ def _register_metrics_route(app: FastAPI, state: ApiState) -> None:
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
     settings = settings or Settings()
     registry = registry or load_registry(settings.registry_path)
-    stores = open_stores(
-        settings.redis_url_or_default,
-        queued_ttl_s=settings.queued_ttl_s,
-        result_ttl_s=settings.result_ttl_s,
-        ca_file=settings.redis_tls_ca_file,
-    )
+    stores = stores_for(settings)
     celery_app = build_celery(settings, registry)
     submitter = JobSubmitter(settings=settings, registry=registry, stores=stores, celery_app=celery_app)
     hub = CompletionHub(settings.redis_url_or_default)

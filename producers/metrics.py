@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import redis
@@ -20,16 +20,14 @@ from prometheus_client.registry import Collector
 
 from inferq.config import Settings
 from inferq.producers.readiness import HEARTBEAT_STALE_S
-from inferq.protocol.celery_config import broker_kind, build_celery, message_job_ids, stage_queue_names
-from inferq.protocol.connections import open_stores
+from inferq.protocol.connections import stores_for
 from inferq.protocol.errors import InferqError
-from inferq.protocol.keys import consumers_key, dead_letter_key, job_key, leases_key, queue_lists, worker_slots_key
+from inferq.protocol.jobs import JobStore
+from inferq.protocol.keys import consumers_key, dead_letter_key, job_key, leases_key, worker_slots_key
 from inferq.protocol.metrics import REDIS_COUNTERS, read_counts, recent_failures
-from inferq.protocol.registry import ModelSpec, Registry, load_registry
+from inferq.protocol.registry import Registry, load_registry
 
 log = logging.getLogger(__name__)
-
-QueueDepths = Callable[[], dict[str, int]]
 
 
 @dataclass(frozen=True)
@@ -51,19 +49,19 @@ class QueueView:
         return demand / self.slots if self.slots else float(demand)
 
 
-def snapshot(
-    client: redis.Redis, registry: Registry, queue_depths: QueueDepths, *, redis_broker: bool, tenant_buckets: int = 1
-) -> list[QueueView]:
-    """Every registry model's queue; `client` decodes to str. `tenant_buckets`: the sub-queues each job queue has
-    (protocol.fairness), as the settings say."""
+def snapshot(client: redis.Redis, registry: Registry, jobs: JobStore) -> list[QueueView]:
+    """Every registry model's queue; `client` decodes to str. Depth and age come from the job records (every
+    broker, however many jobs travel in one message); capacity from the workers' heartbeats."""
     now_s = _server_time_s(client)
-    depths = queue_depths()
+    names = list(registry)
+    depths, oldest = jobs.model_queue_depths(names), jobs.oldest_waiting_at(names)
     running = _running_per_model(client)
     views = []
     for name, spec in registry.items():
         workers, slots = _capacity(client, spec.queue_name, now_s)
-        oldest = _oldest_waiting_s(client, spec, now_s, tenant_buckets) if redis_broker else None
-        views.append(QueueView(name, spec.queue_name, depths.get(name, 0), oldest, running[name], workers, slots))
+        submitted_s = oldest[name]
+        waited_s = max(0.0, now_s - submitted_s) if submitted_s is not None else None
+        views.append(QueueView(name, spec.queue_name, depths[name], waited_s, running[name], workers, slots))
     return views
 
 
@@ -90,41 +88,13 @@ def _capacity(client: redis.Redis, queue: str, now_s: float) -> tuple[int, int]:
     return len(nodes), sum(int(s) for s in slots if s)
 
 
-def _oldest_waiting_s(client: redis.Redis, spec: ModelSpec, now_s: float, buckets: int) -> float | None:
-    """kombu pushes on the left and workers pop on the right: the oldest message of each list (priority step, tenant
-    sub-queue, stage) is last."""
-    pipe = client.pipeline(transaction=False)
-    for queue in stage_queue_names(spec):
-        for name in queue_lists(queue, buckets=buckets):
-            pipe.lindex(name, -1)
-    # A chunk of a bulk submission: its first job waited as long as the others.
-    job_ids = [ids[-1] for raw in pipe.execute() if raw and (ids := message_job_ids(raw))]
-    if not job_ids:
-        return None
-    pipe = client.pipeline(transaction=False)
-    for job_id in job_ids:
-        pipe.hget(job_key(job_id), "submitted_at")
-    submitted = [float(s) for s in pipe.execute() if s]
-    return max(0.0, now_s - min(submitted)) if submitted else None
-
-
 class ClusterCollector(Collector):
     """Reads the cluster from Redis on every scrape; Redis away gives `inferq_redis_up 0` and nothing else."""
 
-    def __init__(
-        self,
-        client: redis.Redis,
-        registry: Registry,
-        queue_depths: QueueDepths,
-        *,
-        redis_broker: bool,
-        tenant_buckets: int = 1,
-    ):
+    def __init__(self, client: redis.Redis, registry: Registry, jobs: JobStore):
         self._client = client
         self._registry = registry
-        self._queue_depths = queue_depths
-        self._redis_broker = redis_broker
-        self._tenant_buckets = tenant_buckets
+        self._jobs = jobs
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("inferq_redis_up", "1 when the job store answered this scrape.")
@@ -142,15 +112,9 @@ class ClusterCollector(Collector):
         yield GaugeMetricFamily("inferq_dead_letter_jobs", "Jobs in the dead-letter list.", value=dead)
 
     def _queue_families(self) -> list[Metric]:
-        views = snapshot(
-            self._client,
-            self._registry,
-            self._queue_depths,
-            redis_broker=self._redis_broker,
-            tenant_buckets=self._tenant_buckets,
-        )
+        views = snapshot(self._client, self._registry, self._jobs)
         by_model = [
-            ("inferq_queue_depth", "Messages waiting in the model's queue.", lambda v: v.depth),
+            ("inferq_queue_depth", "Jobs waiting in the model's queue.", lambda v: v.depth),
             ("inferq_jobs_running", "Jobs of the model a worker holds now.", lambda v: v.running),
             ("inferq_model_load", "(running + queued) / worker capacity; the backlog when no worker.", _load),
         ]
@@ -220,30 +184,12 @@ class StatusRow:
 
 def status_rows(settings: Settings, *, minutes: int) -> list[StatusRow]:
     """Read the whole cluster from Redis (an operator command: it needs INFERQ_REDIS_URL, not an API key)."""
-    from inferq.producers.submit import JobSubmitter
-
-    registry = load_registry(settings.registry_path)
-    stores = open_stores(
-        settings.redis_url_or_default,
-        queued_ttl_s=settings.queued_ttl_s,
-        result_ttl_s=settings.result_ttl_s,
-        ca_file=settings.redis_tls_ca_file,
-    )
-    celery_app = build_celery(settings, registry)
+    stores = stores_for(settings)
     try:
-        submitter = JobSubmitter(settings=settings, registry=registry, stores=stores, celery_app=celery_app)
-        redis_broker = broker_kind(settings.broker_url_or_default) == "redis"
-        views = snapshot(
-            stores.text,
-            registry,
-            submitter.queue_depths,
-            redis_broker=redis_broker,
-            tenant_buckets=settings.tenant_buckets,
-        )
+        views = snapshot(stores.text, load_registry(settings.registry_path), stores.jobs)
         failed = recent_failures_per_model(stores.text, minutes=minutes)
         return [StatusRow(view, failed.get(view.model, 0)) for view in views]
     finally:
-        celery_app.close()
         stores.text.close()
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from inferq.config import Settings
 from inferq.producers.reconciler import Reconciler
 from inferq.protocol.celery_config import build_celery
-from inferq.protocol.connections import Stores, open_stores
+from inferq.protocol.connections import stores_for
 from inferq.protocol.jobs import JobStore
 from inferq.protocol.keys import dead_letter_key, job_key
 from inferq.protocol.logs import configure_logging
@@ -32,15 +32,9 @@ _SHOWN_FIELDS = (
 )
 
 
-def _stores(settings: Settings) -> Stores:
-    return open_stores(
-        settings.redis_url_or_default, queued_ttl_s=settings.queued_ttl_s, result_ttl_s=settings.result_ttl_s
-    )
-
-
 def build_reconciler(settings: Settings) -> Reconciler:
     registry = load_registry(settings.registry_path)
-    return Reconciler(settings, registry, _stores(settings), build_celery(settings, registry))
+    return Reconciler(settings, registry, stores_for(settings), build_celery(settings, registry))
 
 
 def run_reconciler(settings: Settings, *, once: bool) -> int:
@@ -58,7 +52,7 @@ def run_reconciler(settings: Settings, *, once: bool) -> int:
 
 
 def dead_letter_rows(settings: Settings) -> list[dict[str, Any]]:
-    stores = _stores(settings)
+    stores = stores_for(settings)
     rows = []
     for job_id in stores.jobs.dead_letters():
         fields: dict[str, str] = stores.text.hgetall(job_key(job_id))  # type: ignore[assignment]
@@ -73,7 +67,7 @@ def dead_letter_rows(settings: Settings) -> list[dict[str, Any]]:
 
 def requeue_dead_letters(settings: Settings, job_ids: list[str], *, everything: bool) -> dict[str, str]:
     reconciler = build_reconciler(settings)
-    jobs: JobStore = _stores(settings).jobs
+    jobs: JobStore = stores_for(settings).jobs
     outcomes = {}
     for job_id in jobs.dead_letters() if everything else job_ids:
         outcome = jobs.requeue_dead(job_id)

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from inferq.config import Settings
 from inferq.protocol.blobs import RedisBlobStore
 from inferq.protocol.jobs import JobStore
 
@@ -66,3 +67,13 @@ def open_stores(url: str, *, queued_ttl_s: int, result_ttl_s: int, ca_file: Path
     text = redis_client(url, decode=True, ca_file=ca_file)
     jobs = JobStore(text, queued_ttl_s=queued_ttl_s, result_ttl_s=result_ttl_s)
     return Stores(text=text, jobs=jobs, blobs=RedisBlobStore(redis_client(url, decode=False, ca_file=ca_file)))
+
+
+def stores_for(settings: Settings) -> Stores:
+    """The job store and blobs of a deployment, as its settings name them (TLS CA included)."""
+    return open_stores(
+        settings.redis_url_or_default,
+        queued_ttl_s=settings.queued_ttl_s,
+        result_ttl_s=settings.result_ttl_s,
+        ca_file=settings.redis_tls_ca_file,
+    )

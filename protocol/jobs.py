@@ -276,6 +276,13 @@ class JobStore:
             pipe.zcard(model_waiting_key(model))
         return {model: int(count) for model, count in zip(models, pipe.execute(), strict=True)}
 
+    def oldest_waiting_at(self, models: Sequence[str]) -> dict[str, float | None]:
+        """Per model, when its longest-waiting job was submitted (epoch seconds; None: none waits)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for model in models:
+            pipe.zrange(model_waiting_key(model), 0, 0, withscores=True)
+        return {model: (first[0][1] if first else None) for model, first in zip(models, pipe.execute(), strict=True)}
+
     def tenant_job_ids(self, tenant: str, *, limit: int, before_s: float | None = None) -> list[str]:
         """This tenant's most recent job ids, newest first, submitted before `before_s` (epoch seconds)."""
         newest = f"({before_s}" if before_s is not None else "+inf"

@@ -42,6 +42,7 @@ from inferq.protocol.fairness import tenant_buckets
 from inferq.protocol.intake import FileUpload, TensorUpload
 from inferq.protocol.priority import Priority
 from inferq.protocol.registry import load_registry
+from inferq.workers.supervisor import celery_worker_argv
 
 _POLL_S = 0.05
 
@@ -162,23 +163,10 @@ def main() -> None:
         tmp = Path(tmp_dir)
         with EmbeddedRedis(tmp / "redis") as redis_server:
             env = {**os.environ, "INFERQ_REDIS_URL": redis_server.url, "INFERQ_TORCH_THREADS": str(os.cpu_count())}
-            argv = [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "inferq.workers.app",
-                "worker",
-                "-Q",
-                args.model,
-                "-P",
-                "threads",
-            ]
-            argv += ["-n", "bench@%h", "--without-mingle", "--without-gossip", "-l", "warning"]
             bench = Bench(args.model, redis_server.url, tmp)
             # As `inferq worker` does: slots from this node's model, not from every model of the registry.
             slots = args.slots or default_slots([bench.registry.get_model(args.model)])
-            argv += ["-c", str(slots)]
+            argv = celery_worker_argv([args.model], "bench@%h", slots=slots, loglevel="warning")
             with ServiceStack(env, tmp / "logs") as services:
                 services.start_command("worker", argv)
                 bench.wait(bench.submit(1), timeout_s=300)  # warm

@@ -157,6 +157,12 @@ class Supervisor:
         return worst
 
 
+def celery_worker_argv(queues: list[str], name: str, *, slots: int, loglevel: str) -> list[str]:
+    """A plain `celery worker` node of inferq's worker app, as a Celery user starts one."""
+    argv = [sys.executable, "-m", "celery", "-A", "inferq.workers.app", "worker", "-Q", ",".join(queues), "-n", name]
+    return [*argv, "-P", "threads", "-c", str(slots), "-l", loglevel, "--without-mingle", "--without-gossip"]
+
+
 def node_specs(
     *,
     pool: str,
@@ -172,19 +178,7 @@ def node_specs(
     devices = gpus or [None] * processes  # type: ignore[list-item]
     for index, device in enumerate(devices):
         name = f"inferq-{pool}-{index}-{os.getpid()}@%h"
-        argv = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "inferq.workers.app",
-            "worker",
-            "-Q",
-            ",".join(queues),
-            "-n",
-            name,
-        ]
-        argv += ["-P", "threads", "-c", str(slots), "-l", loglevel, "--without-mingle", "--without-gossip"]
+        argv = celery_worker_argv(queues, name, slots=slots, loglevel=loglevel)
         env = {
             **os.environ,
             "INFERQ_DEVICE": "cuda" if pool == "gpu" else "cpu",

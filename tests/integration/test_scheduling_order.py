@@ -4,7 +4,6 @@ slot, so that the order in which it claims them (their `started_at`) is the orde
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from inferq.protocol.fairness import tenant_buckets
 from inferq.protocol.intake import TensorUpload
 from inferq.protocol.priority import Priority
 from inferq.protocol.registry import load_registry
+from inferq.workers.supervisor import celery_worker_argv
 
 _BUCKETS = 4
 _FINISH_TIMEOUT_S = 180.0
@@ -66,21 +66,7 @@ def _run_one_slot_worker(settings: Settings, tmp_path: Path, job_ids: list[str],
     """A plain `celery worker -Q fraud` with one thread: it must take the tenant sub-queues too."""
     env = {**os.environ, "INFERQ_REDIS_URL": settings.redis_url_or_default, "INFERQ_TENANT_BUCKETS": str(_BUCKETS)}
     env["INFERQ_TORCH_THREADS"] = "1"
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "inferq.workers.app",
-        "worker",
-        "-Q",
-        "fraud",
-        "-P",
-        "threads",
-        "-c",
-        "1",
-    ]
-    argv += ["-n", f"order-{os.getpid()}@%h", "--without-mingle", "--without-gossip", "-l", "info"]
+    argv = celery_worker_argv(["fraud"], f"order-{os.getpid()}@%h", slots=1, loglevel="info")
     with ServiceStack(env, tmp_path / "logs") as services:
         services.start_command("worker", argv)
         deadline_s = time.monotonic() + _FINISH_TIMEOUT_S
