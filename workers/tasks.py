@@ -8,12 +8,13 @@ once the backoff has passed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -78,16 +79,8 @@ def execute_jobs(runtime: WorkerRuntime, model: str, job_ids: list[str], blob_re
         else:
             log.info("job %s not run: %s", job_id, claim.outcome)
             summary[claim.outcome] += 1
-    keeper = runtime.leases
-    for job_id, claim, _ in held:
-        if keeper is not None:
-            keeper.hold(job_id, claim.token, model, soft_limit_s=spec.time_limit_s, hard_limit_s=spec.hard_limit_s)
-    try:
+    with _holding(runtime, spec, [(job_id, claim) for job_id, claim, _ in held]):
         summary.update(_attempt_many(runtime, spec, held))
-    finally:
-        for job_id, _, _ in held:
-            if keeper is not None:
-                keeper.drop(job_id)
     return {"jobs": len(job_ids), "status": dict(summary)}
 
 
@@ -120,13 +113,23 @@ def _claimed(
         return {"job_id": job_id, "status": claim.outcome}
     record_claim(model, token=claim.token, queued_s=claim.queued_s)
     spec = runtime.registry.get_model(model)
-    keeper = runtime.leases
-    if keeper is not None:
-        keeper.hold(job_id, claim.token, model, soft_limit_s=spec.time_limit_s, hard_limit_s=spec.hard_limit_s)
-    try:
+    with _holding(runtime, spec, [(job_id, claim)]):
         return work(spec, claim, blob)
+
+
+@contextlib.contextmanager
+def _holding(runtime: WorkerRuntime, spec: ModelSpec, attempts: list[tuple[str, Claim]]) -> Iterator[None]:
+    """Hold the attempts' leases (renewed, time limits watched) while the work runs; let them go after."""
+    keeper = runtime.leases
+    if keeper is None:  # a runtime that was not started: no lease keeper runs
+        yield
+        return
+    for job_id, claim in attempts:
+        keeper.hold(job_id, claim.token, spec.name, soft_limit_s=spec.time_limit_s, hard_limit_s=spec.hard_limit_s)
+    try:
+        yield
     finally:
-        if keeper is not None:
+        for job_id, _ in attempts:
             keeper.drop(job_id)
 
 
