@@ -148,6 +148,9 @@ class JobSubmitter:
             "max_attempts": str(spec.max_attempts),
             "tenant": options.tenant,
         }
+        if options.deadline_s is not None:
+            # Marks the queue deadline as the client's own, which orders the job among those of its class.
+            fields["deadline_s"] = f"{options.deadline_s:g}"
         # Only a hash of the client's idempotency key is kept: the key itself may be an accession number.
         idempotency = (
             idempotency_token(options.tenant, spec.name, options.idempotency_key) if options.idempotency_key else None

@@ -25,6 +25,7 @@ from inferq.protocol.keys import (
     stats_key,
     tenant_jobs_key,
     tenant_waiting_key,
+    urgent_waiting_key,
 )
 
 DEFAULT_MAX_ATTEMPTS = 3
@@ -51,13 +52,19 @@ local function tenant_waiting()
 end
 -- Per model: its waiting jobs, whatever their tenant or however many travel in one message: the queue depth.
 local function model_waiting() return '{model_waiting_key("")}' .. (redis.call('HGET', J, 'model') or '') end
+-- Per model: its waiting stat (0) and urgent (1) jobs, by class, so a worker can see one is on its way.
+local function urgent_waiting() return '{urgent_waiting_key("")}' .. (redis.call('HGET', J, 'model') or '') end
+local URGENT_RANKS = {{stat = 0, urgent = 1}}
 local function wait_add(score)
   redis.call('ZADD', tenant_waiting(), score, ID)
   redis.call('ZADD', model_waiting(), score, ID)
+  local rank = URGENT_RANKS[redis.call('HGET', J, 'priority') or '']
+  if rank then redis.call('ZADD', urgent_waiting(), rank, ID) end
 end
 local function wait_remove()
   redis.call('ZREM', tenant_waiting(), ID)
   redis.call('ZREM', model_waiting(), ID)
+  redis.call('ZREM', urgent_waiting(), ID)
 end
 local function tenant_jobs() return '{tenant_jobs_key("")}' .. (redis.call('HGET', J, 'tenant') or '') end
 -- Cluster-wide counters for /metrics: one hash per counter, the field is the label values joined by '|'.
@@ -155,10 +162,12 @@ return ID
 """
 
 # ARGV: id, node, pid, lease s, expired error, keep ttl, callback grace.
-# Returns {outcome, token, lost, queued s, priority, expires at, tenant}: outcome 'claimed', 'leased' (a live attempt
-# holds it), a final status, 'missing'; queued s (a string: Lua numbers become integers in replies) is how long the job
-# waited since submission. A claim adds the job's priority and queue deadline, which order it in the worker's batcher,
-# and its tenant, whose sub-queue a decoding stage hands the job on to (protocol.fairness).
+# Returns {outcome, token, lost, queued s, priority, expires at, tenant, own deadline}: outcome 'claimed', 'leased' (a
+# live attempt holds it), a final status, 'missing'; queued s (a string: Lua numbers become integers in replies) is how
+# long the job waited since submission. A claim adds the job's priority and queue deadline (which pick its broker
+# priority step), its tenant, whose sub-queue a decoding stage hands the job on to (protocol.fairness), and its queue
+# deadline again where the client set one ('' where it is only the default keep time): the batcher orders jobs of one
+# class by the deadlines clients asked for, and the rest by arrival, which is the broker's fair order between tenants.
 CLAIM = f"""{_PRELUDE}
 local status = redis.call('HGET', J, 'status')
 if not status then return {{'missing', 0, 0}} end
@@ -190,9 +199,9 @@ redis.call('ZREM', RETRIES, ID)
 wait_remove()
 count('claims', model())
 if token > 1 then count('redeliveries', model()) end
-local order = redis.call('HMGET', J, 'priority', 'expires_at', 'tenant')
+local order = redis.call('HMGET', J, 'priority', 'expires_at', 'tenant', 'deadline_s')
 return {{'claimed', token, num('lost') + num('suspect'), tostring(now - num('submitted_at')),
-  order[1] or '', order[2] or '', order[3] or ''}}
+  order[1] or '', order[2] or '', order[3] or '', (order[4] and order[2]) or ''}}
 """
 
 _FENCE = """

@@ -41,6 +41,7 @@ from inferq.protocol.keys import (
     retries_key,
     tenant_jobs_key,
     tenant_waiting_key,
+    urgent_waiting_key,
 )
 
 
@@ -93,6 +94,8 @@ class Claim:
     priority: str = ""
     expires_at_s: float = float("inf")
     tenant: str = ""
+    # The queue deadline the client asked for (`deadline_s` at submission), else infinity: the batcher orders by it.
+    deadline_at_s: float = float("inf")
 
     @property
     def claimed(self) -> bool:
@@ -283,6 +286,11 @@ class JobStore:
             pipe.zrange(model_waiting_key(model), 0, 0, withscores=True)
         return {model: (first[0][1] if first else None) for model, first in zip(models, pipe.execute(), strict=True)}
 
+    def more_urgent_waiting(self, model: str, rank: int) -> bool:
+        """Whether a job of this model more urgent than class `rank` (protocol.priority: 0 stat) is still waiting
+        to be claimed: a worker about to start a batch of class `rank` gives it a moment to arrive."""
+        return rank > 0 and int(self._redis.zcount(urgent_waiting_key(model), "-inf", f"({rank}")) > 0
+
     def tenant_job_ids(self, tenant: str, *, limit: int, before_s: float | None = None) -> list[str]:
         """This tenant's most recent job ids, newest first, submitted before `before_s` (epoch seconds)."""
         newest = f"({before_s}" if before_s is not None else "+inf"
@@ -305,9 +313,16 @@ class JobStore:
         outcome, token, lost, *more = [item.decode() if isinstance(item, bytes) else item for item in reply]
         if not more:
             return Claim(outcome=str(outcome), token=int(token), lost=int(lost))
-        queued_s, priority, expires_at, tenant = more
+        queued_s, priority, expires_at, tenant, deadline_at = more
         return Claim(
-            str(outcome), int(token), int(lost), float(queued_s), str(priority), float(expires_at or "inf"), str(tenant)
+            str(outcome),
+            int(token),
+            int(lost),
+            float(queued_s),
+            str(priority),
+            float(expires_at or "inf"),
+            str(tenant),
+            float(deadline_at or "inf"),
         )
 
     def begin(self, leases: list[tuple[str, int]]) -> list[bool]:

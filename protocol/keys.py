@@ -156,6 +156,12 @@ def model_waiting_key(model: str) -> str:
     return f"{PREFIX}:mq:{model}"
 
 
+def urgent_waiting_key(model: str) -> str:
+    """Sorted set of a model's waiting stat and urgent jobs, scored by class rank (0 stat, 1 urgent): lets a worker
+    that is about to start a routine batch see, in one ZCOUNT, that a more urgent job is on its way."""
+    return f"{PREFIX}:mu:{model}"
+
+
 def tenant_waiting_key(tenant: str, model: str) -> str:
     """Sorted set of a tenant's waiting jobs of one model, by submission time: the queue as that tenant sees it."""
     return f"{PREFIX}:tq:{tenant}:{model}"

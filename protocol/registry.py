@@ -104,6 +104,12 @@ class ModelSpec(_Frozen):
     max_attempts: int = Field(default=3, ge=1, le=20, description="Attempts before a job is dead-lettered.")
     max_batch_size: int = Field(default=1, gt=0, description="Most rows (images, or tensor rows) in one forward pass.")
     batch_wait_ms: float = Field(default=0.0, ge=0, description="Longest wait for more jobs after a batch's first.")
+    max_batch_ms: float | None = Field(
+        default=None,
+        gt=0,
+        description="A batch holds fewer rows where they would take longer than this to compute (as measured by the "
+        "worker), so that a STAT job waits at most about this long for the batch in progress; unset: no cap.",
+    )
     precision: Literal["fp32", "fp16", "bf16"] = Field(default="fp32", description="On a GPU: the compute precision.")
     channels_last: bool = Field(default=False, description="On a GPU: channels-last memory format for conv nets.")
     preprocess: Literal["inline", "separate"] = Field(

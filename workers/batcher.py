@@ -10,11 +10,21 @@ Each job stays its own Celery task; the batcher never sees the broker. What it d
 check per batch that every attempt still owns its job (`begin`), so that a job cancelled while it waited here, taken
 over after its lease lapsed, or past its queue deadline, never costs compute.
 
-Order: the most urgent job waiting goes first (priority class, then earliest deadline, then arrival), and a batch
+Order: the most urgent job waiting goes first (priority class, then the earliest deadline a client asked for, then
+arrival here; arrival is the broker's order, in which tenants take turns, so a job without a deadline of its own is
+not ordered by the default keep time, which would hand a flooding tenant's older jobs every batch), and a batch
 holds jobs of one priority class only: on a CPU a forward pass costs about its rows, so a STAT job filled up with
 routine ones would wait for their compute too. The batch is chosen once the jobs known to be on their way (claimed
 here and decoding) have arrived, or `batch_wait_ms` has passed, so that a STAT job fetched with routine ones is not
 left out of the batch that starts next.
+
+How long a STAT job waits for the batch in progress is bounded twice over:
+- `max_batch_ms`: a batch holds no more rows than fit in that much compute, measured as the process runs (on a
+  CPU a batch of eight X-rays takes half a second, and batching gains little there; on a GPU the cap never bites);
+- before a batch of a lower class starts, one ZCOUNT asks the job store whether a more urgent job of this model is
+  still waiting to be claimed. If one is, the batcher gives it a moment to be fetched into the slots the last batch
+  freed (`URGENT_CLAIM_WAIT_S`) and, once it is claimed here, to decode, so that it is not overtaken by one more
+  routine batch that happened to start first.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -30,11 +41,22 @@ import numpy as np
 
 from inferq.protocol.errors import InferqError
 from inferq.protocol.metrics import record_batch
+from inferq.protocol.priority import Priority
 
 log = logging.getLogger(__name__)
 
 BatchRunner = Callable[[np.ndarray], np.ndarray]
 BatchGate = Callable[[list[tuple[str, int]]], list[bool]]
+# rank -> whether a job of a more urgent class is waiting in the broker for this model.
+UrgentProbe = Callable[[int], bool]
+
+ROUTINE_RANK = Priority.ROUTINE.rank
+# After a batch, the slots it freed fetch from the broker (STAT first) and claim: this long is allowed for that.
+URGENT_CLAIM_WAIT_S = 0.05
+# A more urgent job claimed here is waited for while it decodes, at most this long (a JPEG 2000 film: ~0.2 s).
+URGENT_DECODE_WAIT_S = 1.0
+# Weight of the newest batch in the running estimate of compute seconds per row.
+_ROW_S_SMOOTHING = 0.3
 
 
 class Fenced(InferqError):
@@ -78,6 +100,8 @@ class DynamicBatcher:
         gate: BatchGate,
         max_batch_size: int,
         batch_wait_ms: float,
+        max_batch_ms: float | None = None,
+        urgent_waiting: UrgentProbe | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -86,8 +110,11 @@ class DynamicBatcher:
         self._gate = gate
         self._max_rows = max_batch_size
         self._wait_s = batch_wait_ms / 1000.0
+        self._max_batch_s = max_batch_ms / 1000.0 if max_batch_ms else None
+        self._row_s: float | None = None  # compute seconds per row, as measured here
+        self._urgent_waiting = urgent_waiting
         self._items: list[_Item] = []
-        self._arriving = 0
+        self._arriving: Counter[int] = Counter()  # jobs claimed here and still decoding, by priority rank
         self._cond = threading.Condition()
         self._stopped = False
         self.batches_run: list[int] = []  # recent batch sizes, for logs and tests
@@ -96,15 +123,16 @@ class DynamicBatcher:
 
     # --- called by task threads
 
-    def expect(self) -> None:
-        """A job of this model was claimed here and is decoding: worth waiting for it."""
+    def expect(self, priority: int = ROUTINE_RANK) -> None:
+        """A job of this model (priority rank `priority`) was claimed here and is decoding: worth waiting for it."""
         with self._cond:
-            self._arriving += 1
+            self._arriving[priority] += 1
+            self._cond.notify_all()
 
-    def unexpect(self) -> None:
+    def unexpect(self, priority: int = ROUTINE_RANK) -> None:
         """An expected job will not come (its decoding failed)."""
         with self._cond:
-            self._arriving = max(0, self._arriving - 1)
+            self._arrived(priority)
             self._cond.notify_all()
 
     def submit(
@@ -114,7 +142,7 @@ class DynamicBatcher:
         rows: np.ndarray,
         *,
         isolate: bool = False,
-        priority: int = 0,
+        priority: int = ROUTINE_RANK,
         deadline_s: float = float("inf"),
     ) -> Future[BatchOutput]:
         """Queue one job's rows (leading axis: rows of the batch); the future holds its rows of the outputs.
@@ -125,10 +153,16 @@ class DynamicBatcher:
             if self._stopped:
                 item.future.set_exception(InferqError("the batcher is stopped"))
                 return item.future
-            self._arriving = max(0, self._arriving - 1)
+            self._arrived(priority)
             self._items.append(item)
             self._cond.notify_all()
         return item.future
+
+    def row_cap(self) -> int:
+        """Most rows the next batch may hold: `max_batch_size`, fewer where `max_batch_ms` of compute fits less."""
+        if self._max_batch_s is None or self._row_s is None:
+            return self._max_rows
+        return max(1, min(self._max_rows, int(self._max_batch_s / self._row_s)))
 
     def stop(self) -> None:
         with self._cond:
@@ -152,17 +186,47 @@ class DynamicBatcher:
                     return None
                 self._cond.wait()
             self._gather()
+            rank = min(item.priority for item in self._items)
+        if rank > 0 and self._more_urgent_waiting(rank):  # outside the lock: a round trip to the job store
+            with self._cond:
+                self._await_more_urgent(rank)
+        with self._cond:
             first = self._take_first()
             if first.isolate:
                 return [first]
             return self._fill(first)
 
+    def _arrived(self, priority: int) -> None:
+        if self._arriving[priority] > 0:
+            self._arriving[priority] -= 1
+
     def _gather(self) -> None:
         """Wait, at most `batch_wait_ms`, while jobs are on their way and a batch's worth is not here yet."""
         deadline_s = time.monotonic() + self._wait_s
-        while sum(len(item.rows) for item in self._items) < self._max_rows and self._arriving > 0:
+        while sum(len(item.rows) for item in self._items) < self.row_cap() and self._arriving.total() > 0:
             remaining_s = deadline_s - time.monotonic()
             if remaining_s <= 0 or self._stopped:
+                return
+            self._cond.wait(timeout=remaining_s)
+
+    def _more_urgent_waiting(self, rank: int) -> bool:
+        if self._urgent_waiting is None:
+            return False
+        try:
+            return self._urgent_waiting(rank)
+        except Exception as e:  # the job store is unreachable: the gate will say so; do not hold the batch for it
+            log.debug("urgent-job probe failed for %s: %s", self.name, type(e).__name__)
+            return False
+
+    def _await_more_urgent(self, rank: int) -> None:
+        """Hold the next batch of class `rank` while a more urgent job is on its way here: at most
+        `URGENT_CLAIM_WAIT_S` for it to be claimed here, then at most `URGENT_DECODE_WAIT_S` for it to decode."""
+        started_s = time.monotonic()
+        while not self._stopped and not any(item.priority < rank for item in self._items):
+            decoding = any(count > 0 for arriving_rank, count in self._arriving.items() if arriving_rank < rank)
+            deadline_s = started_s + (URGENT_DECODE_WAIT_S if decoding else URGENT_CLAIM_WAIT_S)
+            remaining_s = deadline_s - time.monotonic()
+            if remaining_s <= 0:
                 return
             self._cond.wait(timeout=remaining_s)
 
@@ -174,11 +238,11 @@ class DynamicBatcher:
     def _fill(self, first: _Item) -> list[_Item]:
         """`first` and, in order (most urgent, earliest deadline, oldest), each waiting job of its priority that still
         fits: one sorted pass, as a bulk chunk brings a hundred jobs at once."""
-        batch, rows = [first], len(first.rows)
+        batch, rows, cap = [first], len(first.rows), self.row_cap()
         for item in sorted(self._items, key=lambda waiting: waiting.order):
-            if rows >= self._max_rows:
+            if rows >= cap:
                 break
-            if not item.isolate and item.priority == first.priority and rows + len(item.rows) <= self._max_rows:
+            if not item.isolate and item.priority == first.priority and rows + len(item.rows) <= cap:
                 batch.append(item)
                 rows += len(item.rows)
         taken = {id(item) for item in batch}
@@ -216,13 +280,20 @@ class DynamicBatcher:
             for item in batch:
                 self._compute([item])
             return
+        elapsed_s = time.monotonic() - started_s
         self._record(len(batch))
-        record_batch(self.name, jobs=len(batch), seconds=time.monotonic() - started_s)
+        self._observe(rows=len(outputs), seconds=elapsed_s)
+        record_batch(self.name, jobs=len(batch), seconds=elapsed_s)
         start = 0
         for item in batch:
             stop = start + len(item.rows)
             item.future.set_result(BatchOutput(rows=outputs[start:stop], batch_jobs=len(batch)))
             start = stop
+
+    def _observe(self, *, rows: int, seconds: float) -> None:
+        per_row_s = seconds / max(1, rows)
+        previous = self._row_s
+        self._row_s = per_row_s if previous is None else previous + _ROW_S_SMOOTHING * (per_row_s - previous)
 
     def _record(self, jobs: int) -> None:
         self.batches_run.append(jobs)

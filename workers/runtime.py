@@ -156,6 +156,8 @@ class WorkerRuntime:
             gate=self.stores.jobs.begin,
             max_batch_size=spec.max_batch_size,
             batch_wait_ms=spec.batch_wait_ms,
+            max_batch_ms=spec.max_batch_ms,
+            urgent_waiting=lambda rank: self.stores.jobs.more_urgent_waiting(spec.name, rank),
         )
 
     def _load(self, spec: ModelSpec) -> ModelRunner:

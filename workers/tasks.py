@@ -161,8 +161,7 @@ def _attempt(
     runtime: WorkerRuntime, spec: ModelSpec, job_id: str, claim: Claim, blob: bytes | None, *, prepared: bool
 ) -> dict[str, Any]:
     started_s = time.monotonic()
-    batcher = runtime.batcher(spec.name)
-    batcher.expect()
+    runtime.batcher(spec.name).expect(_rank(claim))
     try:
         status, payload, batch_jobs = _await(spec, _submit(runtime, spec, job_id, claim, blob, prepared), started_s)
     except Fenced:
@@ -178,8 +177,8 @@ def _attempt_many(runtime: WorkerRuntime, spec: ModelSpec, held: list[tuple[str,
     share forward passes; the outcomes are written together."""
     started_s = time.monotonic()
     batcher = runtime.batcher(spec.name)
-    for _ in held:
-        batcher.expect()  # the batcher waits for the whole chunk rather than run its first job alone
+    for _, claim, _ in held:
+        batcher.expect(_rank(claim))  # the batcher waits for the whole chunk rather than run its first job alone
     submitted = [(job_id, claim, _submit(runtime, spec, job_id, claim, blob, False)) for job_id, claim, blob in held]
     summary: Counter[str] = Counter()
     outcomes: list[tuple[str, Claim, JobStatus, dict[str, Any], int]] = []
@@ -276,7 +275,7 @@ def _submit(
             raise BlobMissing("the upload of this job is no longer stored")
         rows, info = unpack(blob) if prepared else runtime.runner(spec.name).prepare(blob)
     except Exception as e:
-        batcher.unexpect()
+        batcher.unexpect(_rank(claim))
         return _Pending(job_id, outcome=_failure(job_id, e))
     future = batcher.submit(
         job_id,
@@ -284,8 +283,8 @@ def _submit(
         _with_batch_axis(spec, rows),
         # A job that may have ended its worker before runs alone: it cannot take a batch of others down with it.
         isolate=claim.lost > 0,
-        priority=stored_priority(claim.priority).rank,
-        deadline_s=claim.expires_at_s,
+        priority=_rank(claim),
+        deadline_s=claim.deadline_at_s,
     )
     return _Pending(job_id, future=future, info=info)
 
@@ -306,6 +305,10 @@ def _await(spec: ModelSpec, pending: _Pending, started_s: float) -> tuple[JobSta
         limit = TimeLimitExceeded(f"the job ran past its model's time limit of {spec.time_limit_s:g} s")
         return JobStatus.FAILED, limit.to_dict(), 0
     return JobStatus.SUCCEEDED, build_result(spec, output.rows, pending.info), output.batch_jobs
+
+
+def _rank(claim: Claim) -> int:
+    return stored_priority(claim.priority).rank
 
 
 def _with_batch_axis(spec: ModelSpec, rows: np.ndarray) -> np.ndarray:

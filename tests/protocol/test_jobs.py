@@ -288,3 +288,26 @@ def test_pipelined_scripts_run_after_redis_forgot_them(store: JobStore, stores: 
     reply, exists = store.execute(pipe)
     assert store.claim_result(reply).token == 1 and exists == 1
     assert store.view(job_id)["status"] == "running" and store.view(job_id)["attempts"] == 1
+
+
+def test_waiting_stat_and_urgent_jobs_are_visible_to_a_less_urgent_batch_until_claimed(stores: Stores) -> None:
+    model = f"m-{new_job_id()[:8]}"
+    routine = _create(stores, model=model, priority="routine")
+    assert not stores.jobs.more_urgent_waiting(model, 2)  # a routine job is nothing to wait for
+    urgent = _create(stores, model=model, priority="urgent")
+    stat = _create(stores, model=model, priority="stat")
+    assert stores.jobs.more_urgent_waiting(model, 2) and stores.jobs.more_urgent_waiting(model, 1)
+    assert not stores.jobs.more_urgent_waiting(model, 0)  # nothing outranks stat
+    _claim(stores.jobs, stat)
+    assert stores.jobs.more_urgent_waiting(model, 2) and not stores.jobs.more_urgent_waiting(model, 1)
+    stores.jobs.cancel(urgent)
+    assert not stores.jobs.more_urgent_waiting(model, 2)
+    del routine
+
+
+def test_a_claim_carries_the_clients_own_deadline_only(stores: Stores) -> None:
+    own = _create(stores, deadline_s="30")
+    default = _create(stores)
+    own_claim, default_claim = _claim(stores.jobs, own), _claim(stores.jobs, default)
+    assert own_claim.deadline_at_s == own_claim.expires_at_s < float("inf")
+    assert default_claim.deadline_at_s == float("inf") and default_claim.expires_at_s < float("inf")

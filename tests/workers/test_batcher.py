@@ -239,3 +239,125 @@ def test_a_job_that_expires_while_it_waits_in_the_batcher_is_dropped(fraud: Mode
     batcher.stop()
     assert ran == [[0]]
     assert stores.jobs.view(job_id)["status"] == "expired"
+
+
+def _paced_batcher(
+    stores: Stores, ran: list[list[int]], *, row_s: float, max_batch_ms: float | None, probe: bool = False
+) -> DynamicBatcher:
+    """A batcher over a stand-in model that costs `row_s` per row (what a CPU forward pass of an X-ray does)."""
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        time.sleep(row_s * len(batch))
+        ran.append([int(v) for v in batch[:, 0]])
+        return batch[:, :1].copy()
+
+    return DynamicBatcher(
+        name="m",
+        run_batch=infer,
+        gate=stores.jobs.begin,
+        max_batch_size=8,
+        batch_wait_ms=2000,
+        max_batch_ms=max_batch_ms,
+        urgent_waiting=(lambda rank: stores.jobs.more_urgent_waiting("m", rank)) if probe else None,
+    )
+
+
+def test_a_batch_holds_no_more_rows_than_fit_in_max_batch_ms(stores: Stores) -> None:
+    # Given a model that takes 40 ms a row, eight rows allowed, but 100 ms of compute per batch
+    ran: list[list[int]] = []
+    batcher = _paced_batcher(stores, ran, row_s=0.04, max_batch_ms=100)
+    claimed = _claimed(stores.jobs, 9)
+    # When one job has run (the batcher now knows a row's cost) and eight more wait together
+    batcher.submit(*claimed[0], np.zeros((1, 30), dtype=np.float32)).result(timeout=30)
+    for _ in range(8):
+        batcher.expect()
+    futures = [batcher.submit(*c, np.full((1, 30), i, dtype=np.float32)) for i, c in enumerate(claimed[1:], 1)]
+    sizes = [f.result(timeout=30).batch_jobs for f in futures]
+    batcher.stop()
+    # Then they run two at a time (80 ms), in arrival order, not as one 320 ms pass
+    assert batcher.row_cap() == 2
+    assert ran[1:] == [[1, 2], [3, 4], [5, 6], [7, 8]] and sizes == [2] * 8
+
+
+def test_without_max_batch_ms_the_batch_is_max_batch_size(stores: Stores) -> None:
+    ran: list[list[int]] = []
+    batcher = _paced_batcher(stores, ran, row_s=0.04, max_batch_ms=None)
+    claimed = _claimed(stores.jobs, 9)
+    batcher.submit(*claimed[0], np.zeros((1, 30), dtype=np.float32)).result(timeout=30)
+    for _ in range(8):
+        batcher.expect()
+    futures = [batcher.submit(*c, np.full((1, 30), i, dtype=np.float32)) for i, c in enumerate(claimed[1:], 1)]
+    assert [f.result(timeout=30).batch_jobs for f in futures] == [8] * 8
+    batcher.stop()
+
+
+def _queued_stat(jobs: JobStore) -> str:
+    job_id = new_job_id()
+    jobs.create(job_id, {"model": "m", "model_version": "1", "blob_ref": "b", "priority": "stat"})
+    return job_id
+
+
+@pytest.mark.parametrize("probe", [True, False])
+def test_a_routine_batch_waits_for_a_stat_job_being_fetched(stores: Stores, probe: bool) -> None:
+    # Given routine jobs waiting behind a running batch, and a STAT job queued for the model meanwhile
+    ran: list[list[int]] = []
+    batcher = _paced_batcher(stores, ran, row_s=0.15, max_batch_ms=None, probe=probe)
+    routine = _claimed(stores.jobs, 3)
+    x = np.zeros((1, 30), dtype=np.float32)
+    first = batcher.submit(*routine[0], x)
+    time.sleep(0.05)  # the first batch is computing
+    waiting = [batcher.submit(*c, np.full((1, 30), i, dtype=np.float32)) for i, c in enumerate(routine[1:], 1)]
+    stat_id = _queued_stat(stores.jobs)
+    # When the running batch ends, and the slot it frees fetches and claims the STAT job a moment later
+    first.result(timeout=30)
+    claim = stores.jobs.claim_result(stores.jobs.claim(stat_id, node="t", pid=1, lease_s=60))
+    batcher.expect(0)
+    time.sleep(0.1)  # decoding
+    stat = batcher.submit(stat_id, claim.token, np.full((1, 30), 9, dtype=np.float32), priority=0)
+    stat.result(timeout=30)
+    for future in waiting:
+        future.result(timeout=30)
+    batcher.stop()
+    # Then, with the probe, the STAT job runs before the routine batch that would otherwise have started first
+    assert ran[0] == [0]
+    assert ran[1] == ([9] if probe else [1, 2])
+
+
+def test_no_urgent_job_waiting_costs_a_routine_batch_no_wait(stores: Stores) -> None:
+    ran: list[list[int]] = []
+    batcher = _paced_batcher(stores, ran, row_s=0.0, max_batch_ms=None, probe=True)
+    [job] = _claimed(stores.jobs, 1)
+    started_s = time.monotonic()
+    batcher.submit(*job, np.zeros((1, 30), dtype=np.float32)).result(timeout=30)
+    batcher.stop()
+    assert time.monotonic() - started_s < 0.04  # below URGENT_CLAIM_WAIT_S: the probe found nothing to wait for
+
+
+def test_jobs_without_a_deadline_of_their_own_run_in_arrival_order(fraud: ModelRunner, stores: Stores) -> None:
+    # Given a flooding tenant's job queued before another tenant's (so with an earlier default keep time), which
+    # the broker's turn-taking delivered second, both claimed as a worker claims them
+    ran: list[list[int]] = []
+    batcher, started, release = _held_batcher(fraud, stores, ran, max_batch_size=1)
+    [busy] = _claimed(stores.jobs, 1)
+    older, newer = new_job_id(), new_job_id()
+    for job_id in (older, newer):
+        stores.jobs.create(job_id, {"model": "m", "model_version": "1", "blob_ref": "b"})
+        time.sleep(0.01)
+    claims = {j: stores.jobs.claim_result(stores.jobs.claim(j, node="t", pid=1, lease_s=60)) for j in (older, newer)}
+    assert claims[older].expires_at_s < claims[newer].expires_at_s
+    first = batcher.submit(*busy, np.zeros((1, 30), dtype=np.float32))
+    assert started.wait(timeout=30)
+    # When the newer one arrives in the batcher first
+    futures = [
+        batcher.submit(
+            j, claims[j].token, np.full((1, 30), label, dtype=np.float32), deadline_s=claims[j].deadline_at_s
+        )
+        for label, j in ((2, newer), (1, older))
+    ]
+    release.set()
+    first.result(timeout=30)
+    for future in futures:
+        future.result(timeout=30)
+    batcher.stop()
+    # Then it runs first: the keep time is no deadline, and ordering by it would starve the second tenant
+    assert ran[1:] == [[2], [1]]
