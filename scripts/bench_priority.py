@@ -7,8 +7,10 @@
 2. Tenants: tenant A queues a flood, then tenant B queues a few. Prints how many of A's jobs finished after B's
    arrival and before B's last job (target < 100).
 
-One worker node (`celery -A inferq.workers.app worker -Q MODEL -P threads -c SLOTS`, SLOTS as `inferq worker` sets it)
-on a private Redis; jobs are submitted in-process through `JobSubmitter`, the path every intake takes.
+The worker is `inferq worker --pool cpu --models MODEL` with its defaults (one single-threaded node per usable CPU),
+or with `--one-node` a single node (`celery -A inferq.workers.app worker -Q MODEL -P threads -c SLOTS`, SLOTS as
+`inferq worker` sets it) whose torch uses every CPU; on a private Redis. Jobs are submitted in-process through
+`JobSubmitter`, the path every intake takes.
 
     .venv/bin/python scripts/bench_priority.py --model chest-xray            # 1,000 routine, 20 STAT; A 1,000, B 20
     .venv/bin/python scripts/bench_priority.py --model chest-xray --quick    # 150 routine, 10 STAT; A 300, B 20
@@ -42,6 +44,7 @@ from inferq.protocol.fairness import tenant_buckets
 from inferq.protocol.intake import FileUpload, TensorUpload
 from inferq.protocol.priority import Priority
 from inferq.protocol.registry import load_registry
+from inferq.workers.layout import usable_cpus
 from inferq.workers.supervisor import celery_worker_argv
 
 _POLL_S = 0.05
@@ -157,20 +160,29 @@ def main() -> None:
     parser.add_argument("--model", default="chest-xray", choices=["chest-xray", "fraud"])
     parser.add_argument("--quick", action="store_true", help="Smaller counts, for a 2-core machine.")
     parser.add_argument("--slots", type=int, default=0, help="Worker slots (INFERQ_WORKER_SLOTS); 0: the default.")
+    parser.add_argument("--one-node", action="store_true", help="One worker node using every CPU, not the default.")
     args = parser.parse_args()
     routine, stat, flood, few = (150, 10, 300, 20) if args.quick else (1000, 20, 1000, 20)
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         with EmbeddedRedis(tmp / "redis") as redis_server:
-            env = {**os.environ, "INFERQ_REDIS_URL": redis_server.url, "INFERQ_TORCH_THREADS": str(os.cpu_count())}
+            env = {**os.environ, "INFERQ_REDIS_URL": redis_server.url}
+            if args.slots:
+                env["INFERQ_WORKER_SLOTS"] = str(args.slots)
             bench = Bench(args.model, redis_server.url, tmp)
             # As `inferq worker` does: slots from this node's model, not from every model of the registry.
             slots = args.slots or default_slots([bench.registry.get_model(args.model)])
-            argv = celery_worker_argv([args.model], "bench@%h", slots=slots, loglevel="warning")
             with ServiceStack(env, tmp / "logs") as services:
-                services.start_command("worker", argv)
-                bench.wait(bench.submit(1), timeout_s=300)  # warm
-                print(f"model {args.model}, one worker node, slots {slots}, {os.cpu_count()} cores")
+                if args.one_node:
+                    env["INFERQ_TORCH_THREADS"] = str(usable_cpus())
+                    argv = celery_worker_argv([args.model], "bench@%h", slots=slots, loglevel="warning")
+                    services.start_command("worker", argv)
+                    layout = f"one worker node using {usable_cpus()} CPUs"
+                else:
+                    services.start("worker", "worker", "--pool", "cpu", "--models", args.model)
+                    layout = f"`inferq worker` defaults: {usable_cpus()} single-threaded nodes"
+                bench.wait(bench.submit(4 * usable_cpus()), timeout_s=300)  # every node warm
+                print(f"model {args.model}, {layout}, slots {slots} per node, {os.cpu_count()} cores")
                 stat_behind_backlog(bench, routine, stat)
                 tenants_take_turns(bench, flood, few)
 
