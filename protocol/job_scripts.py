@@ -17,6 +17,7 @@ from inferq.protocol.keys import (
     dead_letter_key,
     done_channel,
     failures_key,
+    job_key,
     leases_key,
     model_waiting_key,
     published_key,
@@ -359,4 +360,23 @@ redis.call('ZADD', QUEUED, num('expires_at') + 0, ID)
 redis.call('ZADD', PUBLISHED, now, ID)
 wait_add(num('submitted_at'))
 return 'ok'
+"""
+
+# KEYS: a model's set of waiting stat and urgent jobs. ARGV: the model (unused), a class rank. Returns 1 when a job of
+# a class more urgent than the rank is there to be claimed now (queued, within its deadline, not backing off before a
+# retry), else 0. Ids whose record has gone (its keep time ran out before anything finalised it) are forgotten, so a
+# ghost can never hold routine batches back.
+URGENT_WAITING = f"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[2], 'LIMIT', 0, 32)
+for _, id in ipairs(ids) do
+  local f = redis.call('HMGET', '{job_key("")}' .. id, 'status', 'expires_at', 'retry_at')
+  if not f[1] then
+    redis.call('ZREM', KEYS[1], id)
+  elseif f[1] == 'queued' and now <= (tonumber(f[2]) or 0) and now >= (tonumber(f[3] or '0') or 0) then
+    return 1
+  end
+end
+return 0
 """

@@ -139,7 +139,7 @@ class JobStore:
             name: redis_client.register_script(getattr(job_scripts, name))
             for name in (
                 "CREATE", "CLAIM", "BEGIN", "RENEW", "FINISH", "RELEASE", "RECOVER", "CANCEL", "EXPIRE",
-                "REQUEUE_DEAD", "CALLBACK_TAKE", "CALLBACK_DONE", "DISCARD", "HANDOFF",
+                "REQUEUE_DEAD", "CALLBACK_TAKE", "CALLBACK_DONE", "DISCARD", "HANDOFF", "URGENT_WAITING",
             )
         }  # fmt: skip
 
@@ -287,9 +287,9 @@ class JobStore:
         return {model: (first[0][1] if first else None) for model, first in zip(models, pipe.execute(), strict=True)}
 
     def more_urgent_waiting(self, model: str, rank: int) -> bool:
-        """Whether a job of this model more urgent than class `rank` (protocol.priority: 0 stat) is still waiting
-        to be claimed: a worker about to start a batch of class `rank` gives it a moment to arrive."""
-        return rank > 0 and int(self._redis.zcount(urgent_waiting_key(model), "-inf", f"({rank}")) > 0
+        """Whether a job of this model more urgent than class `rank` (protocol.priority: 0 stat) is waiting to be
+        claimed now: a worker about to start a batch of class `rank` gives it a moment to arrive."""
+        return rank > 0 and self._run("URGENT_WAITING", model, rank, keys=[urgent_waiting_key(model)]) == 1
 
     def tenant_job_ids(self, tenant: str, *, limit: int, before_s: float | None = None) -> list[str]:
         """This tenant's most recent job ids, newest first, submitted before `before_s` (epoch seconds)."""

@@ -158,7 +158,7 @@ def model_waiting_key(model: str) -> str:
 
 def urgent_waiting_key(model: str) -> str:
     """Sorted set of a model's waiting stat and urgent jobs, scored by class rank (0 stat, 1 urgent): lets a worker
-    that is about to start a routine batch see, in one ZCOUNT, that a more urgent job is on its way."""
+    that is about to start a routine batch see, in one call, that a more urgent job is on its way."""
     return f"{PREFIX}:mu:{model}"
 
 

@@ -21,7 +21,7 @@ left out of the batch that starts next.
 How long a STAT job waits for the batch in progress is bounded twice over:
 - `max_batch_ms`: a batch holds no more rows than fit in that much compute, measured as the process runs (on a
   CPU a batch of eight X-rays takes half a second, and batching gains little there; on a GPU the cap never bites);
-- before a batch of a lower class starts, one ZCOUNT asks the job store whether a more urgent job of this model is
+- before a batch of a lower class starts, one script call asks the job store whether a more urgent job of this model is
   still waiting to be claimed. If one is, the batcher gives it a moment to be fetched into the slots the last batch
   freed (`URGENT_CLAIM_WAIT_S`) and, once it is claimed here, to decode, so that it is not overtaken by one more
   routine batch that happened to start first.

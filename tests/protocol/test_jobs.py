@@ -11,7 +11,16 @@ import redis
 from inferq.protocol.connections import Stores, open_stores
 from inferq.protocol.errors import BlobMissing, JobNotCancellable, UnknownJob
 from inferq.protocol.jobs import Claim, JobStatus, JobStore, Outcome, new_job_id
-from inferq.protocol.keys import blob_key, callbacks_key, dead_letter_key, job_key, leases_key, queued_key, retries_key
+from inferq.protocol.keys import (
+    blob_key,
+    callbacks_key,
+    dead_letter_key,
+    job_key,
+    leases_key,
+    queued_key,
+    retries_key,
+    urgent_waiting_key,
+)
 
 
 @pytest.fixture
@@ -311,3 +320,24 @@ def test_a_claim_carries_the_clients_own_deadline_only(stores: Stores) -> None:
     own_claim, default_claim = _claim(stores.jobs, own), _claim(stores.jobs, default)
     assert own_claim.deadline_at_s == own_claim.expires_at_s < float("inf")
     assert default_claim.deadline_at_s == float("inf") and default_claim.expires_at_s < float("inf")
+
+
+def test_an_urgent_job_gone_expired_or_backing_off_is_nothing_to_wait_for(stores: Stores) -> None:
+    model = f"m-{new_job_id()[:8]}"
+    # A STAT job whose record vanished (its keep time ran out before anything finalised it) is forgotten
+    ghost = _create(stores, model=model, priority="stat")
+    stores.text.delete(job_key(ghost))
+    assert not stores.jobs.more_urgent_waiting(model, 2)
+    assert stores.text.zscore(urgent_waiting_key(model), ghost) is None
+    # One past its queue deadline, not yet expired by the reconciler, is not waited for
+    late = new_job_id()
+    stores.jobs.create(late, {"model": model, "model_version": "1", "blob_ref": "b", "priority": "stat"}, queue_s=0.2)
+    assert stores.jobs.more_urgent_waiting(model, 2)
+    time.sleep(0.3)
+    assert not stores.jobs.more_urgent_waiting(model, 2)
+    # Nor one backing off before its retry
+    retrying = _create(stores, model=model, priority="urgent")
+    claim = _claim(stores.jobs, retrying)
+    assert stores.jobs.release(retrying, claim.token, backoff_s=30, error={"code": "x"}) == "ok"
+    assert stores.jobs.view(retrying)["status"] == "queued"
+    assert not stores.jobs.more_urgent_waiting(model, 2)
