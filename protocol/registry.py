@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from inferq.protocol.errors import ConfigError, UnknownModel
 
@@ -85,7 +85,7 @@ class ModelSpec(_Frozen):
     description: str = ""
     queue: str = ""
     pool: Literal["cpu", "gpu"] = "cpu"
-    format: Literal["safetensors", "torchscript", "torch-export"] = "safetensors"
+    format: Literal["safetensors", "torch-export"] = "safetensors"
     architecture: ArchitectureSpec | None = None
     weights: str
     sha256: str = Field(pattern=_SHA256_PATTERN)
@@ -120,6 +120,18 @@ class ModelSpec(_Frozen):
     max_queue_depth: int | None = Field(
         default=None, ge=0, description="Past this many waiting jobs a submission is refused (429); 0 or unset: none."
     )
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _no_torchscript(cls, value: object) -> object:
+        # A TorchScript archive keeps its module and weights as pickles (data.pkl), read by an unpickler: refused by
+        # name, so that the operator is told what to do instead.
+        if value == "torchscript":
+            raise ValueError(
+                'format "torchscript" is not accepted: its archives are pickles; save the model with '
+                'torch.export.save (format = "torch-export") or as safetensors with a built-in architecture'
+            )
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:

@@ -6,15 +6,14 @@ policy) through exact IEEE arithmetic only, and the file is written by `_safeten
 writer emits its metadata in a random order per process, which changes the bytes from one run to the next.
 
 Loading verifies the sha256 of the very bytes it then deserialises, so a file swapped after the check is never
-run. TorchScript archives are read by TorchScript's own loader (no Python unpickler). A torch.export archive is
+run. Nothing is ever unpickled: safetensors is raw tensor bytes behind a JSON header; a torch.export archive is
 inspected first and refused if `torch.export.load` would unpickle any part of it or load native code
-(`workers.export_archive`); no checkpoint becomes arbitrary Python objects.
+(`workers.export_archive`). TorchScript archives, which are pickles, are refused by the registry.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import tempfile
@@ -225,11 +224,6 @@ def _from_safetensors(spec: ModelSpec, data: bytes, device: torch.device) -> nn.
     return module.to(device).eval()
 
 
-def _from_torchscript(data: bytes, device: torch.device) -> nn.Module:
-    module: nn.Module = torch.jit.load(io.BytesIO(data), map_location=device)
-    return module.eval()
-
-
 def _from_torch_export(data: bytes, device: torch.device) -> nn.Module:
     program = torch.export.passes.move_to_device_pass(load_export_archive(data), device)
     module = program.module()
@@ -240,16 +234,10 @@ def _from_torch_export(data: bytes, device: torch.device) -> nn.Module:
     return module
 
 
-_LOADERS = {
-    "torchscript": _from_torchscript,
-    "torch-export": _from_torch_export,
-}
-
-
 def _deserialise(spec: ModelSpec, data: bytes, device: torch.device) -> nn.Module:
     if spec.format == "safetensors":
         return _from_safetensors(spec, data, device)
-    return _LOADERS[spec.format](data, device)
+    return _from_torch_export(data, device)
 
 
 def load_model(spec: ModelSpec, settings: Settings, device: torch.device) -> nn.Module:
@@ -263,7 +251,6 @@ def load_model(spec: ModelSpec, settings: Settings, device: torch.device) -> nn.
     except Exception as e:
         # Whatever a third-party loader raises, the model cannot be served: one error type for the worker to act on.
         raise ModelLoadError(f"cannot load model {spec.name!r} ({spec.format}) from {path}: {e}") from e
-    # Parameter by parameter: ScriptModules refuse `Module.requires_grad_`.
     for parameter in module.parameters():
         parameter.requires_grad_(False)
     return module

@@ -14,7 +14,7 @@ from inferq.protocol.registry import load_registry, parse_registry
 def _document(**extra: Any) -> dict[str, Any]:
     model = {
         "version": "1",
-        "format": "torchscript",
+        "format": "torch-export",
         "weights": "m.pt",
         "sha256": "0" * 64,
         "trained": False,

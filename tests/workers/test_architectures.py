@@ -193,7 +193,7 @@ def test_an_architecture_refuses_an_input_it_cannot_take(
 
 
 def test_a_spec_without_architecture_cannot_be_built() -> None:
-    spec = _spec(format="torchscript", architecture=None)
+    spec = _spec(format="torch-export", architecture=None)
 
     with pytest.raises(ModelLoadError, match="no \\[architecture\\]"):
         build_architecture(spec)

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from inferq.config.settings import CONFIG_DIR, DEFAULT_REGISTRY_PATH, Settings
-from inferq.protocol.errors import ChecksumMismatch, ModelLoadError
-from inferq.protocol.registry import ImageInput, ModelSpec, Registry, TensorInput, load_registry
+from inferq.protocol.errors import ChecksumMismatch, ConfigError, ModelLoadError
+from inferq.protocol.registry import ImageInput, ModelSpec, Registry, TensorInput, load_registry, parse_registry
 from inferq.workers.weights import (
     ensure_generated_weights,
     file_sha256,
@@ -31,7 +31,7 @@ from inferq.workers.weights import (
 )
 
 CPU = torch.device("cpu")
-ModelFormat = Literal["safetensors", "torchscript", "torch-export"]
+ModelFormat = Literal["safetensors", "torch-export"]
 REPO_ROOT = CONFIG_DIR.parent
 
 
@@ -250,18 +250,12 @@ def test_the_fraud_model_scores_a_batch(registry: Registry, settings: Settings) 
     assert torch.isfinite(logits).all()
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
-def test_a_torchscript_archive_loads_and_answers_like_its_source(tmp_path: Path) -> None:
-    source, batch = _tiny_module(), torch.randn(4, 6)
-    path = tmp_path / "tiny.pt"
-    torch.jit.save(torch.jit.trace(source, batch), str(path))
-
-    model = load_model(_tiny_spec(path, "torchscript"), Settings(models_dir=tmp_path), CPU)
-
-    assert not model.training
-    assert not any(parameter.requires_grad for parameter in model.parameters())
-    with torch.inference_mode():
-        torch.testing.assert_close(model(batch), source(batch), rtol=0, atol=0)
+def test_a_torchscript_archive_is_refused_by_the_registry() -> None:
+    # Its module and weights are pickles (data.pkl): no loader is ever handed one.
+    model = {"version": "1", "format": "torchscript", "weights": "m.pt", "sha256": "0" * 64, "trained": False}
+    model["input"] = {"kind": "tensor", "shape": [-1, 3]}
+    with pytest.raises(ConfigError, match=r"torchscript.*pickles.*torch\.export\.save"):
+        parse_registry({"models": {"m": model}})
 
 
 def test_a_torch_export_archive_loads_and_answers_like_its_source(tmp_path: Path) -> None:
@@ -306,8 +300,7 @@ def test_a_file_of_another_format_fails_to_load(registry: Registry, settings: Se
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
-@pytest.mark.parametrize("model_format", ["safetensors", "torchscript", "torch-export"])
+@pytest.mark.parametrize("model_format", ["safetensors", "torch-export"])
 def test_every_format_loads_onto_a_gpu(
     registry: Registry, settings: Settings, tmp_path: Path, model_format: ModelFormat
 ) -> None:
@@ -316,9 +309,6 @@ def test_every_format_loads_onto_a_gpu(
     if model_format == "safetensors":
         spec = registry["fraud"]
         source, batch = load_model(spec, settings, CPU), torch.randn(4, 30)
-    elif model_format == "torchscript":
-        torch.jit.save(torch.jit.trace(source, batch), str(tmp_path / "tiny.pt"))
-        spec = _tiny_spec(tmp_path / "tiny.pt", model_format)
     else:
         torch.export.save(torch.export.export(source, (batch,)), tmp_path / "tiny.pt2")
         spec = _tiny_spec(tmp_path / "tiny.pt2", model_format)
