@@ -160,39 +160,35 @@ def _prep(runtime: WorkerRuntime, spec: ModelSpec, job_id: str, claim: Claim, bl
 def _attempt(
     runtime: WorkerRuntime, spec: ModelSpec, job_id: str, claim: Claim, blob: bytes | None, *, prepared: bool
 ) -> dict[str, Any]:
-    started_s = time.monotonic()
-    runtime.batcher(spec.name).expect(_rank(claim))
-    try:
-        status, payload, batch_jobs = _await(spec, _submit(runtime, spec, job_id, claim, blob, prepared), started_s)
-    except Fenced:
-        log.info("job %s: attempt %d was fenced off (cancelled, timed out or taken over)", job_id, claim.token)
-        return {"job_id": job_id, "status": "fenced"}
-    except _TRANSIENT as e:
-        return _release(runtime, job_id, claim, e)
-    return _record(runtime, spec, job_id, claim, status, payload, batch_jobs, started_s=started_s)
+    [result] = _attempts(runtime, spec, [(job_id, claim, blob)], prepared=prepared)
+    return result
 
 
 def _attempt_many(runtime: WorkerRuntime, spec: ModelSpec, held: list[tuple[str, Claim, bytes | None]]) -> Counter[str]:
-    """`_attempt` for the claimed jobs of a chunk: all handed to the batcher before any is awaited, so that they
-    share forward passes; the outcomes are written together."""
+    return Counter(str(result["status"]) for result in _attempts(runtime, spec, held, prepared=False))
+
+
+def _attempts(
+    runtime: WorkerRuntime, spec: ModelSpec, held: list[tuple[str, Claim, bytes | None]], *, prepared: bool
+) -> list[dict[str, Any]]:
+    """Run claimed attempts (one job, or a chunk's): all handed to the batcher before any is awaited, so that they
+    share forward passes; the outcomes are written in one round trip. A summary per job for Celery's logs."""
     started_s = time.monotonic()
     batcher = runtime.batcher(spec.name)
     for _, claim, _ in held:
-        batcher.expect(_rank(claim))  # the batcher waits for the whole chunk rather than run its first job alone
-    submitted = [(job_id, claim, _submit(runtime, spec, job_id, claim, blob, False)) for job_id, claim, blob in held]
-    summary: Counter[str] = Counter()
+        batcher.expect(_rank(claim))  # the batcher waits for a whole chunk rather than run its first job alone
+    submitted = [(job_id, claim, _submit(runtime, spec, job_id, claim, blob, prepared)) for job_id, claim, blob in held]
+    results: list[dict[str, Any]] = []
     outcomes: list[tuple[str, Claim, JobStatus, dict[str, Any], int]] = []
     for job_id, claim, pending in submitted:
         try:
             outcomes.append((job_id, claim, *_await(spec, pending, started_s)))
         except Fenced:
-            log.info("job %s: attempt %d was fenced off", job_id, claim.token)
-            summary["fenced"] += 1
+            log.info("job %s: attempt %d was fenced off (cancelled, timed out or taken over)", job_id, claim.token)
+            results.append({"job_id": job_id, "status": "fenced"})
         except _TRANSIENT as e:
-            summary[str(_release(runtime, job_id, claim, e)["status"])] += 1
-    for result in _record_many(runtime, spec, outcomes, started_s=started_s):
-        summary[str(result["status"])] += 1
-    return summary
+            results.append(_release(runtime, job_id, claim, e))
+    return results + _record_many(runtime, spec, outcomes, started_s=started_s)
 
 
 def _record(
