@@ -28,6 +28,7 @@ from inferq.protocol.keys import (
     tenant_waiting_key,
     urgent_waiting_key,
 )
+from inferq.protocol.priority import Priority
 
 DEFAULT_MAX_ATTEMPTS = 3
 # Failed jobs per model per minute are kept this long for `inferq status`.
@@ -55,7 +56,7 @@ end
 local function model_waiting() return '{model_waiting_key("")}' .. (redis.call('HGET', J, 'model') or '') end
 -- Per model: its waiting stat (0) and urgent (1) jobs, by class, so a worker can see one is on its way.
 local function urgent_waiting() return '{urgent_waiting_key("")}' .. (redis.call('HGET', J, 'model') or '') end
-local URGENT_RANKS = {{stat = 0, urgent = 1}}
+local URGENT_RANKS = {{{Priority.STAT.value} = {Priority.STAT.rank}, {Priority.URGENT.value} = {Priority.URGENT.rank}}}
 local function wait_add(score)
   redis.call('ZADD', tenant_waiting(), score, ID)
   redis.call('ZADD', model_waiting(), score, ID)

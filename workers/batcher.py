@@ -21,10 +21,10 @@ left out of the batch that starts next.
 How long a STAT job waits for the batch in progress is bounded twice over:
 - `max_batch_ms`: a batch holds no more rows than fit in that much compute, measured as the process runs (on a
   CPU a batch of eight X-rays takes half a second, and batching gains little there; on a GPU the cap never bites);
-- before a batch of a lower class starts, one script call asks the job store whether a more urgent job of this model is
-  still waiting to be claimed. If one is, the batcher gives it a moment to be fetched into the slots the last batch
-  freed (`URGENT_CLAIM_WAIT_S`) and, once it is claimed here, to decode, so that it is not overtaken by one more
-  routine batch that happened to start first.
+- before a batch of a lower class starts, where batches take longer than the hold below, one script call asks the job
+  store whether a more urgent job of this model is still waiting to be claimed. If one is, the batcher gives it a
+  moment to be fetched into the slots the last batch freed (`URGENT_CLAIM_WAIT_S`) and, once it is claimed here, to
+  decode, so that it is not overtaken by one more routine batch that happened to start first.
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ class DynamicBatcher:
                 self._cond.wait()
             self._gather()
             rank = min(item.priority for item in self._items)
-        if rank > 0 and self._more_urgent_waiting(rank):  # outside the lock: a round trip to the job store
+        if rank > 0 and self._batches_outlast_a_hold() and self._more_urgent_waiting(rank):  # a round trip: unlocked
             with self._cond:
                 self._await_more_urgent(rank)
         with self._cond:
@@ -208,6 +208,11 @@ class DynamicBatcher:
             if remaining_s <= 0 or self._stopped:
                 return
             self._cond.wait(timeout=remaining_s)
+
+    def _batches_outlast_a_hold(self) -> bool:
+        """Holding a batch back for an urgent job pays only where the batch would delay it longer than the hold
+        does: not for a model whose batches take milliseconds (a GPU, a small model), which then never probes."""
+        return self._row_s is not None and self._row_s * self.row_cap() > URGENT_CLAIM_WAIT_S
 
     def _more_urgent_waiting(self, rank: int) -> bool:
         if self._urgent_waiting is None:
