@@ -98,6 +98,15 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         default=0, ge=0, description="Intra-op threads per worker process; 0: usable CPUs / worker processes."
     )
+    lend_idle_cores: bool = Field(
+        default=True,
+        description="CPU nodes of one `inferq worker` lend their cores to a neighbour's long forward pass while they "
+        "hold no job, so a lone job computes on every core.",
+    )
+    core_share_dir: str = Field(
+        default="", description="Set by `inferq worker` for its nodes: the folder through which they lend cores."
+    )
+    node_index: int = Field(default=0, ge=0, description="Set by `inferq worker`: this node's place in the share.")
     worker_slots: int = Field(
         default=0,
         ge=0,

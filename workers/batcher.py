@@ -29,11 +29,12 @@ How long a STAT job waits for the batch in progress is bounded twice over:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -42,6 +43,7 @@ import numpy as np
 from inferq.protocol.errors import InferqError
 from inferq.protocol.metrics import record_batch
 from inferq.protocol.priority import Priority
+from inferq.workers.core_share import CoreShare
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,7 @@ class DynamicBatcher:
         batch_wait_ms: float,
         max_batch_ms: float | None = None,
         urgent_waiting: UrgentProbe | None = None,
+        cores: CoreShare | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -113,6 +116,7 @@ class DynamicBatcher:
         self._max_batch_s = max_batch_ms / 1000.0 if max_batch_ms else None
         self._row_s: float | None = None  # compute seconds per row, as measured here
         self._urgent_waiting = urgent_waiting
+        self._cores = cores
         self._items: list[_Item] = []
         self._arriving: Counter[int] = Counter()  # jobs claimed here and still decoding, by priority rank
         self._cond = threading.Condition()
@@ -271,9 +275,12 @@ class DynamicBatcher:
             self._compute(live)
 
     def _compute(self, batch: list[_Item]) -> None:
-        started_s = time.monotonic()
+        rows = np.concatenate([item.rows for item in batch])
         try:
-            outputs = self._run_batch(np.concatenate([item.rows for item in batch]))
+            with self._computing(jobs=len(batch), rows=len(rows)) as lent:
+                started_s = time.monotonic()
+                outputs = self._run_batch(rows)
+                elapsed_s = time.monotonic() - started_s
         except Exception as e:
             if len(batch) == 1:
                 batch[0].future.set_exception(e)
@@ -285,15 +292,26 @@ class DynamicBatcher:
             for item in batch:
                 self._compute([item])
             return
-        elapsed_s = time.monotonic() - started_s
         self._record(len(batch))
-        self._observe(rows=len(outputs), seconds=elapsed_s)
+        if not lent:  # the per-row estimate is of the node's own cores: what a batch costs under load
+            self._observe(rows=len(outputs), seconds=elapsed_s)
         record_batch(self.name, jobs=len(batch), seconds=elapsed_s)
         start = 0
         for item in batch:
             stop = start + len(item.rows)
             item.future.set_result(BatchOutput(rows=outputs[start:stop], batch_jobs=len(batch)))
             start = stop
+
+    @contextlib.contextmanager
+    def _computing(self, *, jobs: int, rows: int) -> Iterator[bool]:
+        """This node's cores for one pass (and idle neighbours' where worth it: workers.core_share); yields whether
+        any were borrowed."""
+        if self._cores is None:
+            yield False
+            return
+        expected_s = self._row_s * rows if self._row_s is not None else None
+        with self._cores.computing(jobs=jobs, expected_s=expected_s) as lent:
+            yield lent
 
     def _observe(self, *, rows: int, seconds: float) -> None:
         per_row_s = seconds / max(1, rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from os import EX_CONFIG
 from pathlib import Path
@@ -17,6 +18,7 @@ from inferq.protocol.codec import TensorPayload
 from inferq.protocol.errors import InferqError, InvalidRequest, ModelLoadError
 from inferq.protocol.intake import FileUpload, TensorUpload, validate_input
 from inferq.protocol.registry import ModelSpec, load_registry
+from inferq.workers.core_share import create_share
 from inferq.workers.inference import load_runner
 from inferq.workers.layout import default_processes, usable_cpus
 from inferq.workers.runtime import require_cuda
@@ -59,6 +61,8 @@ def run_worker(
     count = processes or settings.worker_processes or default_processes(threads_per_process=torch_threads)
     if pool == "gpu" and not gpus:
         gpus = ["0"]
+    lend = pool == "cpu" and count > 1 and settings.lend_idle_cores
+    core_share = create_share(count) if lend else None
     nodes = node_specs(
         pool=pool,
         queues=stage_queues(specs, stage),
@@ -67,9 +71,21 @@ def run_worker(
         slots=settings.worker_slots or default_slots(specs),
         loglevel=loglevel,
         gpus=gpus,
+        core_share=core_share,
     )
-    print(f"inferq worker: {len(nodes)} node(s) x {torch_threads} torch thread(s) on {usable_cpus()} usable CPU(s)")
-    return Supervisor(nodes, metrics_host=settings.worker_metrics_host, metrics_port=settings.worker_metrics_port).run()
+    lending = ", idle cores lent to a lone job" if core_share else ""
+    print(
+        f"inferq worker: {len(nodes)} node(s) x {torch_threads} torch thread(s) on {usable_cpus()} usable CPU(s)"
+        + lending
+    )
+    try:
+        supervisor = Supervisor(
+            nodes, metrics_host=settings.worker_metrics_host, metrics_port=settings.worker_metrics_port
+        )
+        return supervisor.run()
+    finally:
+        if core_share is not None:
+            shutil.rmtree(core_share, ignore_errors=True)
 
 
 def stage_queues(specs: list[ModelSpec], stage: str) -> list[str]:

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import redis
 import torch
@@ -24,6 +25,7 @@ from inferq.protocol.jobs import Claim
 from inferq.protocol.keys import blob_key
 from inferq.protocol.registry import ModelSpec, Registry
 from inferq.workers.batcher import DynamicBatcher
+from inferq.workers.core_share import CoreShare
 from inferq.workers.inference import ModelRunner, load_runner
 from inferq.workers.layout import usable_cpus
 from inferq.workers.leases import LeaseKeeper
@@ -65,6 +67,7 @@ class WorkerRuntime:
         self._stores: Stores | None = None
         self._bytes: redis.Redis | None = None
         self.leases: LeaseKeeper | None = None
+        self.cores: CoreShare | None = None
         self._queues: list[str] | None = None
 
     def select(self, specs: list[ModelSpec], *, queues: list[str] | None = None) -> None:
@@ -82,6 +85,7 @@ class WorkerRuntime:
         heartbeats the node's `slots`, the jobs it holds at once, for the load metric)."""
         self.node = node or self.node
         torch.set_num_threads(self.torch_threads())
+        self.cores = self._core_share()
         for spec in self.selected:
             self._runners[spec.name] = self._load(spec)
             self._batchers[spec.name] = self._batcher(spec)
@@ -158,6 +162,20 @@ class WorkerRuntime:
             batch_wait_ms=spec.batch_wait_ms,
             max_batch_ms=spec.max_batch_ms,
             urgent_waiting=lambda rank: self.stores.jobs.more_urgent_waiting(spec.name, rank),
+            cores=self.cores,
+        )
+
+    def _core_share(self) -> CoreShare | None:
+        """This node's side of its `inferq worker`'s core lending (CPU nodes only; workers.core_share)."""
+        folder = self.settings.core_share_dir
+        if not folder or self.device().type != "cpu" or not self.settings.lend_idle_cores:
+            return None
+        return CoreShare(
+            Path(folder),
+            index=self.settings.node_index,
+            threads=self.torch_threads(),
+            max_threads=usable_cpus(),
+            set_threads=torch.set_num_threads,
         )
 
     def _load(self, spec: ModelSpec) -> ModelRunner:

@@ -23,6 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from os import EX_CONFIG
+from pathlib import Path
 from types import FrameType
 
 from prometheus_client import CollectorRegistry, multiprocess, start_http_server
@@ -172,8 +173,10 @@ def node_specs(
     slots: int,
     loglevel: str,
     gpus: list[str] | None = None,
+    core_share: Path | None = None,
 ) -> list[NodeSpec]:
-    """The nodes of one `inferq worker`: a CPU node per process, or a GPU node per device."""
+    """The nodes of one `inferq worker`: a CPU node per process, or a GPU node per device; CPU nodes lend each other
+    idle cores through `core_share` (workers.core_share) where one is given."""
     specs = []
     devices = gpus or [None] * processes  # type: ignore[list-item]
     for index, device in enumerate(devices):
@@ -187,5 +190,7 @@ def node_specs(
         }
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device
+        if core_share is not None:
+            env.update({"INFERQ_CORE_SHARE_DIR": str(core_share), "INFERQ_NODE_INDEX": str(index)})
         specs.append(NodeSpec(name, argv, env))
     return specs

@@ -119,11 +119,14 @@ def _claimed(
 
 @contextlib.contextmanager
 def _holding(runtime: WorkerRuntime, spec: ModelSpec, attempts: list[tuple[str, Claim]]) -> Iterator[None]:
-    """Hold the attempts' leases (renewed, time limits watched) while the work runs; let them go after."""
-    keeper = runtime.leases
+    """Hold the attempts' leases (renewed, time limits watched) while the work runs; let them go after. Meanwhile
+    this node counts as busy: it lends no core to a neighbour (workers.core_share)."""
+    keeper, cores = runtime.leases, runtime.cores
     if keeper is None:  # a runtime that was not started: no lease keeper runs
         yield
         return
+    if cores is not None:
+        cores.hold(len(attempts))
     for job_id, claim in attempts:
         keeper.hold(job_id, claim.token, spec.name, soft_limit_s=spec.time_limit_s, hard_limit_s=spec.hard_limit_s)
     try:
@@ -131,6 +134,8 @@ def _holding(runtime: WorkerRuntime, spec: ModelSpec, attempts: list[tuple[str, 
     finally:
         for job_id, _ in attempts:
             keeper.drop(job_id)
+        if cores is not None:
+            cores.release(len(attempts))
 
 
 def _prep(runtime: WorkerRuntime, spec: ModelSpec, job_id: str, claim: Claim, blob: bytes | None) -> dict[str, Any]:

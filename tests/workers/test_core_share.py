@@ -1,0 +1,192 @@
+"""Idle cores lent between the CPU nodes of one `inferq worker`: borrowed only from a node that holds no job, given
+back before that node computes, and never kept by a borrower that dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inferq.workers.batcher import DynamicBatcher
+from inferq.workers.core_share import LEND_MIN_S, CoreShare, create_share
+from inferq.workers.supervisor import node_specs
+from tests.conftest import REPO_ROOT
+
+LONG_PASS_S = 0.1
+
+
+class Threads:
+    """Stands in for torch.set_num_threads: records what each pass was set to."""
+
+    def __init__(self) -> None:
+        self.set_to: list[int] = []
+
+    def __call__(self, threads: int) -> None:
+        self.set_to.append(threads)
+
+
+def _node(folder: Path, index: int, threads: Threads | None = None, *, max_threads: int = 2) -> CoreShare:
+    return CoreShare(folder, index=index, threads=1, max_threads=max_threads, set_threads=threads or Threads())
+
+
+def test_a_lone_job_borrows_the_cores_of_idle_neighbours_and_gives_them_back(tmp_path: Path) -> None:
+    folder = create_share(3, tmp_path)
+    threads = Threads()
+    node = _node(folder, 0, threads, max_threads=3)
+    _node(folder, 1), _node(folder, 2)
+    node.hold(1)
+    with node.computing(jobs=1, expected_s=LONG_PASS_S) as lent:
+        assert lent
+        assert threads.set_to == [3]
+    assert threads.set_to == [3, 1]  # back to its own thread once the pass ends
+    assert node.busy_flags() == [True, False, False]
+    node.release(1)
+    assert node.busy_flags() == [False, False, False]
+
+
+def test_no_core_is_borrowed_from_a_node_that_holds_a_job(tmp_path: Path) -> None:
+    folder = create_share(2, tmp_path)
+    threads = Threads()
+    node, neighbour = _node(folder, 0, threads), _node(folder, 1)
+    node.hold(1)
+    neighbour.hold(1)  # claimed a job: it decodes now and computes next
+    with node.computing(jobs=1, expected_s=LONG_PASS_S) as lent:
+        assert not lent
+    assert threads.set_to == []
+
+
+def test_no_core_is_borrowed_while_the_borrower_holds_other_jobs(tmp_path: Path) -> None:
+    folder = create_share(2, tmp_path)
+    node, _ = _node(folder, 0), _node(folder, 1)
+    node.hold(3)  # a batch of one, and two more jobs decoding beside it
+    with node.computing(jobs=1, expected_s=LONG_PASS_S) as lent:
+        assert not lent
+    with node.computing(jobs=3, expected_s=LONG_PASS_S) as lent:
+        assert lent
+
+
+@pytest.mark.parametrize("expected_s", [None, LEND_MIN_S / 2])
+def test_a_short_or_unmeasured_pass_borrows_nothing(tmp_path: Path, expected_s: float | None) -> None:
+    folder = create_share(2, tmp_path)
+    node, _ = _node(folder, 0), _node(folder, 1)
+    node.hold(1)
+    with node.computing(jobs=1, expected_s=expected_s) as lent:
+        assert not lent
+
+
+def test_a_node_waits_for_its_lent_core_before_it_computes(tmp_path: Path) -> None:
+    folder = create_share(2, tmp_path)
+    borrower, lender = _node(folder, 0), _node(folder, 1)
+    borrower.hold(1)
+    events: list[str] = []
+    with borrower.computing(jobs=1, expected_s=LONG_PASS_S) as lent:
+        assert lent
+        lender.hold(1)  # a job reaches the lender while its core is lent
+
+        def lender_pass() -> None:
+            with lender.computing(jobs=1, expected_s=LONG_PASS_S) as lender_lent:
+                events.append(f"lender computes, lent={lender_lent}")
+
+        thread = threading.Thread(target=lender_pass)
+        thread.start()
+        time.sleep(0.3)
+        events.append("borrower ends its pass")
+    thread.join(timeout=5)
+    assert events == ["borrower ends its pass", "lender computes, lent=False"]
+
+
+def test_a_restarted_node_clears_the_flag_its_predecessor_left(tmp_path: Path) -> None:
+    folder = create_share(2, tmp_path)
+    _node(folder, 1).hold(1)  # then the process dies without releasing
+    assert _node(folder, 0).busy_flags() == [False, True]
+    _node(folder, 1)
+    assert _node(folder, 0).busy_flags() == [False, False]
+
+
+_BORROWER = """
+import sys, time
+from pathlib import Path
+from inferq.workers.core_share import CoreShare
+node = CoreShare(Path(sys.argv[1]), index=0, threads=1, max_threads=2, set_threads=lambda n: None)
+node.hold(1)
+with node.computing(jobs=1, expected_s=1.0) as lent:
+    print(f"lent={lent}", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_borrower_that_dies_mid_pass_gives_the_core_back(tmp_path: Path) -> None:
+    # Given a real process that borrowed its neighbour's core and computes on it
+    folder = create_share(2, tmp_path)
+    lender = _node(folder, 1)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _BORROWER, str(folder)], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "lent=True"
+        lender.hold(1)
+        entered = threading.Event()
+
+        def lender_pass() -> None:
+            with lender.computing(jobs=1, expected_s=LONG_PASS_S):
+                entered.set()
+
+        thread = threading.Thread(target=lender_pass, daemon=True)
+        thread.start()
+        assert not entered.wait(0.5)  # the lender waits for its core
+        # When the borrower is killed in the middle of its pass
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=10)
+        # Then the kernel's release of its locks hands the core back at once
+        assert entered.wait(5)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_the_batcher_borrows_only_once_it_knows_a_pass_is_long(tmp_path: Path) -> None:
+    folder = create_share(2, tmp_path)
+    threads = Threads()
+    cores, _ = _node(folder, 0, threads), _node(folder, 1)
+
+    def slow_model(rows: np.ndarray) -> np.ndarray:
+        time.sleep(LONG_PASS_S)
+        return rows
+
+    batcher = DynamicBatcher(
+        name="slow",
+        run_batch=slow_model,
+        gate=lambda attempts: [True] * len(attempts),
+        max_batch_size=4,
+        batch_wait_ms=0,
+        cores=cores,
+    )
+    try:
+        for job in range(2):
+            cores.hold(1)
+            batcher.submit(f"job-{job}", 1, np.zeros((1, 2), dtype=np.float32)).result(timeout=5)
+            cores.release(1)
+    finally:
+        batcher.stop()
+    # The first pass is not yet measured and runs on the node's own core; the second borrows the idle neighbour's.
+    assert threads.set_to == [2, 1]
+
+
+def test_inferq_worker_gives_each_cpu_node_its_place_in_the_share(tmp_path: Path) -> None:
+    specs = node_specs(
+        pool="cpu", queues=["fraud"], processes=2, torch_threads=1, slots=4, loglevel="info", core_share=tmp_path
+    )
+    assert [(s.env["INFERQ_CORE_SHARE_DIR"], s.env["INFERQ_NODE_INDEX"]) for s in specs] == [
+        (str(tmp_path), "0"),
+        (str(tmp_path), "1"),
+    ]
+    alone = node_specs(pool="cpu", queues=["fraud"], processes=1, torch_threads=1, slots=4, loglevel="info")
+    assert "INFERQ_CORE_SHARE_DIR" not in alone[0].env
