@@ -7,7 +7,9 @@ Each pass, under a short Redis lock (run as many reconcilers as you like; one wo
 - jobs whose backoff has ended are published again;
 - callbacks whose message was lost are handed out again;
 - every `lost_message_check_s`, queued jobs whose message is in no broker list (the API died between record and
-  publish, or Redis lost the publish in its fsync window) are published again.
+  publish, or Redis lost the publish in its fsync window) are published again, and waiting-set entries whose record
+  is gone (no reconciler ran for the record's whole keep time, or Redis evicted it) are removed, so that they do not
+  inflate the queue depth that backpressure reads.
 A message published twice is harmless: a claim hands the job to one attempt only.
 """
 
@@ -34,12 +36,15 @@ from inferq.protocol.keys import (
     KOMBU_UNACKED_INDEX,
     job_key,
     leases_key,
+    model_waiting_key,
     published_key,
     queue_lists,
     queued_key,
     reconciler_lock_key,
     retries_key,
     task_name_for,
+    tenant_waiting_key,
+    urgent_waiting_key,
 )
 from inferq.protocol.priority import stored_priority
 from inferq.protocol.registry import Registry
@@ -49,6 +54,7 @@ log = logging.getLogger(__name__)
 _UNLOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 _BATCH = 500
 _RETRY_BACKOFF_S = 1.0
+_SCAN_COUNT = 1000
 
 
 class Reconciler:
@@ -62,6 +68,7 @@ class Reconciler:
         self._token = uuid.uuid4().hex
         self._unlock = stores.text.register_script(_UNLOCK)
         self._last_lost_check_s = 0.0
+        self._tenant_scan_cursor = 0
 
     @property
     def _jobs(self) -> JobStore:
@@ -93,6 +100,7 @@ class Reconciler:
             if check_lost if check_lost is not None else due:
                 self._last_lost_check_s = now_s
                 counts.update(self._republish_lost())
+                counts.update(self._sweep_waiting_sets())
             return +counts
         finally:
             self._unlock(keys=[reconciler_lock_key()], args=[self._token])
@@ -141,6 +149,20 @@ class Reconciler:
                 log.warning("job %s: its message was lost; published again", job_id, extra={"job_id": job_id})
                 counts["lost_republished"] += 1
         return counts
+
+    def _sweep_waiting_sets(self) -> Counter[str]:
+        """Drop waiting-set entries whose record is gone (see `SWEEP_WAITING`): every model's sets, and the next
+        stretch of tenants' sets (a SCAN step per pass, resumed where the last pass stopped)."""
+        keys = [key for model in self._registry for key in (model_waiting_key(model), urgent_waiting_key(model))]
+        cursor, found = self._stores.text.scan(
+            self._tenant_scan_cursor, match=tenant_waiting_key("*", "*"), count=_SCAN_COUNT
+        )
+        self._tenant_scan_cursor = int(cursor)
+        tenant_keys = [str(key) for key in found]
+        removed = self._jobs.sweep_waiting([*keys, *tenant_keys])
+        if removed:
+            log.warning("removed %d waiting-set entries whose job record is gone", removed)
+        return Counter({"ghosts_removed": removed}) if removed else Counter()
 
     def _still_waiting(self, job_id: str, cutoff_s: float) -> bool:
         status = self._stores.text.hget(job_key(job_id), "status")

@@ -381,3 +381,18 @@ for _, id in ipairs(ids) do
 end
 return 0
 """
+
+# ARGV[1]: how many of the set's oldest members to look at. A waiting-set entry whose record is gone (its keep time
+# ran out before anything finalised it: no reconciler ran that long, or Redis evicted it) would count in the queue
+# depth forever: removed here. Ghosts are a set's oldest entries, since their records outlived none of the live ones.
+SWEEP_WAITING = f"""
+local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+local removed = 0
+for _, id in ipairs(ids) do
+  if redis.call('EXISTS', '{job_key("")}' .. id) == 0 then
+    redis.call('ZREM', KEYS[1], id)
+    removed = removed + 1
+  end
+end
+return removed
+"""

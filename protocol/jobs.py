@@ -140,6 +140,7 @@ class JobStore:
             for name in (
                 "CREATE", "CLAIM", "BEGIN", "RENEW", "FINISH", "RELEASE", "RECOVER", "CANCEL", "EXPIRE",
                 "REQUEUE_DEAD", "CALLBACK_TAKE", "CALLBACK_DONE", "DISCARD", "HANDOFF", "URGENT_WAITING",
+                "SWEEP_WAITING",
             )
         }  # fmt: skip
 
@@ -243,20 +244,22 @@ class JobStore:
 
     def views(self, job_ids: Sequence[str]) -> list[dict[str, Any] | None]:
         """Many jobs in one round trip; None for an unknown id. Expired-on-read like `view`."""
-        stored = self._read_all(job_ids)
-        now_s = self.server_time_s()
+        stored, now_s = self._read_all(job_ids)
         late = [job_id for job_id, fields in zip(job_ids, stored, strict=True) if _past_deadline(fields, now_s)]
         if late:
             for job_id in late:
                 self.expire(job_id)
-            stored = self._read_all(job_ids)
+            stored, _ = self._read_all(job_ids)
         return [render_view(j, f) if f else None for j, f in zip(job_ids, stored, strict=True)]
 
-    def _read_all(self, job_ids: Sequence[str]) -> list[dict[str, str]]:
+    def _read_all(self, job_ids: Sequence[str]) -> tuple[list[dict[str, str]], float]:
+        """The records, and Redis's clock read in the same round trip (a waiting request reads often)."""
         pipe = self._redis.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hgetall(job_key(job_id))
-        return list(pipe.execute())
+        pipe.time()
+        *stored, (seconds, micros) = pipe.execute()
+        return stored, float(seconds) + float(micros) / 1e6
 
     def tenants(self, job_ids: Sequence[str]) -> list[str | None]:
         """Each job's tenant in one round trip; None for an unknown job."""
@@ -290,6 +293,16 @@ class JobStore:
         """Whether a job of this model more urgent than class `rank` (protocol.priority: 0 stat) is waiting to be
         claimed now: a worker about to start a batch of class `rank` gives it a moment to arrive."""
         return rank > 0 and self._run("URGENT_WAITING", model, rank, keys=[urgent_waiting_key(model)]) == 1
+
+    def sweep_waiting(self, keys: Sequence[str], *, oldest: int = 100) -> int:
+        """Remove from the waiting sets `keys` the entries, among each one's `oldest`, whose job record is gone; how
+        many were removed (one round trip)."""
+        if not keys:
+            return 0
+        pipe = self._redis.pipeline(transaction=False)
+        for key in keys:
+            self._run("SWEEP_WAITING", str(oldest), keys=[key], client=pipe)
+        return sum(int(removed) for removed in self.execute(pipe))
 
     def tenant_job_ids(self, tenant: str, *, limit: int, before_s: float | None = None) -> list[str]:
         """This tenant's most recent job ids, newest first, submitted before `before_s` (epoch seconds)."""

@@ -22,15 +22,23 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import mmap
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 # A pass shorter than this gains less from more threads than their start-up costs (a fraud batch: 0.2 ms).
 LEND_MIN_S = 0.02
+# A node whose core is lent waits this long at most for it: a borrower that is stopped (SIGSTOP, a debugger) or hung
+# must not stall its neighbour's jobs. Past it the node computes anyway, sharing the core for once.
+RECLAIM_WAIT_S = 2.0
+_RECLAIM_POLL_S = 0.002
 _FLAGS = "busy"
 
 
@@ -90,7 +98,7 @@ class CoreShare:
         """Hold this node's cores (waiting while a neighbour borrows them) and, where the pass is worth it and
         nothing else waits on either side, idle neighbours' cores; yields whether any were borrowed."""
         own = self._lock_file(self._index)
-        fcntl.flock(own, fcntl.LOCK_SH)
+        self._reclaim(own)
         borrowed: list[int] = []
         try:
             if expected_s is not None and expected_s >= LEND_MIN_S and self._only_the_batch(jobs):
@@ -106,6 +114,23 @@ class CoreShare:
             for fd in borrowed:
                 fcntl.flock(fd, fcntl.LOCK_UN)
             fcntl.flock(own, fcntl.LOCK_UN)
+
+    def _reclaim(self, own: int) -> None:
+        """Hold this node's own lock shared, waiting while a neighbour borrows the core (at most RECLAIM_WAIT_S)."""
+        deadline_s = time.monotonic() + RECLAIM_WAIT_S
+        while True:
+            try:
+                fcntl.flock(own, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline_s:
+                    log.warning(
+                        "node %d: a neighbour kept its borrowed core past %.0f s; computing anyway",
+                        self._index,
+                        RECLAIM_WAIT_S,
+                    )
+                    return
+                time.sleep(_RECLAIM_POLL_S)
 
     def busy_flags(self) -> list[bool]:
         return [bool(self._flags[index]) for index in range(self.nodes)]

@@ -96,6 +96,7 @@ class LoneApi:
     url: str
     redis: EmbeddedRedis
     services: ServiceStack
+    registry_path: str = ""
     key: str = ""
 
     def store(self) -> redis.Redis:
@@ -139,7 +140,7 @@ def lone_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoneApi]:
             services.start("api", "api")
             url = f"http://127.0.0.1:{port}"
             services.wait_http(f"{url}/healthz", timeout_s=60)
-            yield LoneApi(url=url, redis=server, services=services)
+            yield LoneApi(url=url, redis=server, services=services, registry_path=str(registry))
 
 
 @pytest.fixture

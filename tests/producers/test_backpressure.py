@@ -3,6 +3,10 @@ enqueued; the client waits as told and then gets through. Real Redis, real HTTP,
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,7 +15,7 @@ import httpx
 from inferq.producers.client import InferqClient, RetryPolicy
 from inferq.producers.demo import fraud_example
 from inferq.protocol.jobs import JobStore
-from inferq.protocol.keys import queue_lists
+from inferq.protocol.keys import job_key, model_waiting_key, queue_lists, tenant_waiting_key
 from tests.producers.conftest import LoneApi
 
 
@@ -82,3 +86,28 @@ def test_bulk_requests_past_their_limits_are_refused_before_anything_is_stored(l
     ids = [f"id{i}" for i in range(6)]
     assert lone.http.post(f"{lone.url}/v1/jobs/query", json={"job_ids": ids}, timeout=30).status_code == 422
     assert lone.job_count() == 0
+
+
+def test_waiting_entries_whose_record_is_gone_stop_counting_after_a_reconciler_pass(lone: LoneApi) -> None:
+    # Given a full queue whose job records then vanish unfinalised (Redis evicted them, or no reconciler ran
+    # for their whole keep time)
+    assert [_submit(lone).status_code for _ in range(2)] == [202, 202]
+    with lone.store() as store:
+        store.delete(*store.scan_iter(job_key("*")))
+    assert _submit(lone).status_code == 429  # the depth still counts them
+    # When one reconciler pass runs (a real `inferq reconciler --once` against the same Redis)
+    env = {**os.environ, "INFERQ_REDIS_URL": lone.redis.url, "INFERQ_REGISTRY_PATH": lone.registry_path}
+    done = subprocess.run(
+        [sys.executable, "-m", "inferq.producers.cli", "reconciler", "--once"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    # Then it reports and removes them from every waiting set, and the queue takes jobs again
+    assert json.loads(done.stdout.strip().splitlines()[-1])["ghosts_removed"] == 4  # the model's set and the tenant's
+    with lone.store() as store:
+        assert store.zcard(model_waiting_key("tiny")) == 0
+        assert store.zcard(tenant_waiting_key("lone", "tiny")) == 0
+    assert _submit(lone).status_code == 202

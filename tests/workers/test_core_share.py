@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from inferq.workers import core_share
 from inferq.workers.batcher import DynamicBatcher
 from inferq.workers.core_share import LEND_MIN_S, CoreShare, create_share
 from inferq.workers.supervisor import node_specs
@@ -190,3 +191,27 @@ def test_inferq_worker_gives_each_cpu_node_its_place_in_the_share(tmp_path: Path
     ]
     alone = node_specs(pool="cpu", queues=["fraud"], processes=1, torch_threads=1, slots=4, loglevel="info")
     assert "INFERQ_CORE_SHARE_DIR" not in alone[0].env
+
+
+def test_a_stopped_borrower_delays_its_lender_only_for_a_bounded_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a real borrower process, frozen with SIGSTOP in the middle of its borrowed pass
+    monkeypatch.setattr(core_share, "RECLAIM_WAIT_S", 0.5)
+    folder = create_share(2, tmp_path)
+    lender = _node(folder, 1)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _BORROWER, str(folder)], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "lent=True"
+        os.kill(child.pid, signal.SIGSTOP)
+        lender.hold(1)
+        # When the lender has a job to compute, it waits for its core, but not for ever
+        started = time.monotonic()
+        with lender.computing(jobs=1, expected_s=LONG_PASS_S):
+            waited_s = time.monotonic() - started
+        assert 0.5 <= waited_s < 3.0
+    finally:
+        child.kill()
+        child.wait()
