@@ -71,9 +71,9 @@ class CoreShare:
         self._set_threads = set_threads
         with (folder / _FLAGS).open("r+b") as file:
             self._flags = mmap.mmap(file.fileno(), 0)
-        self.nodes = len(self._flags)
-        if not 0 <= index < self.nodes:
-            raise ValueError(f"node index {index} is outside the share's {self.nodes} nodes")
+        self._nodes = len(self._flags)
+        if not 0 <= index < self._nodes:
+            raise ValueError(f"node index {index} is outside the share's {self._nodes} nodes")
         self._held = 0
         self._held_lock = threading.Lock()
         self._local = threading.local()  # per thread: its own open lock files (flock is per open file)
@@ -99,21 +99,17 @@ class CoreShare:
         nothing else waits on either side, idle neighbours' cores; yields whether any were borrowed."""
         own = self._lock_file(self._index)
         self._reclaim(own)
-        borrowed: list[int] = []
+        worth_it = expected_s is not None and expected_s >= LEND_MIN_S and self._only_the_batch(jobs)
+        borrowed = self._borrow() if worth_it else []
+        if borrowed:
+            self._set_threads(min(self._max_threads, self._threads * (1 + len(borrowed))))
         try:
-            if expected_s is not None and expected_s >= LEND_MIN_S and self._only_the_batch(jobs):
-                borrowed = self._borrow()
-            if borrowed:
-                self._set_threads(min(self._max_threads, self._threads * (1 + len(borrowed))))
-            try:
-                yield bool(borrowed)
-            finally:
-                if borrowed:
-                    self._set_threads(self._threads)
+            yield bool(borrowed)
         finally:
-            for fd in borrowed:
+            if borrowed:
+                self._set_threads(self._threads)
+            for fd in [*borrowed, own]:
                 fcntl.flock(fd, fcntl.LOCK_UN)
-            fcntl.flock(own, fcntl.LOCK_UN)
 
     def _reclaim(self, own: int) -> None:
         """Hold this node's own lock shared, waiting while a neighbour borrows the core (at most RECLAIM_WAIT_S)."""
@@ -133,7 +129,7 @@ class CoreShare:
                 time.sleep(_RECLAIM_POLL_S)
 
     def busy_flags(self) -> list[bool]:
-        return [bool(self._flags[index]) for index in range(self.nodes)]
+        return [bool(self._flags[index]) for index in range(self._nodes)]
 
     def _only_the_batch(self, jobs: int) -> bool:
         with self._held_lock:
@@ -141,7 +137,7 @@ class CoreShare:
 
     def _borrow(self) -> list[int]:
         borrowed = []
-        for index in range(self.nodes):
+        for index in range(self._nodes):
             if index == self._index or self._flags[index]:
                 continue
             fd = self._lock_file(index)

@@ -166,9 +166,10 @@ class WorkerRuntime:
         )
 
     def _core_share(self) -> CoreShare | None:
-        """This node's side of its `inferq worker`'s core lending (CPU nodes only; workers.core_share)."""
+        """This node's side of its `inferq worker`'s core lending (workers.core_share), where that command made a share:
+        only for CPU nodes, with lending on."""
         folder = self.settings.core_share_dir
-        if not folder or self.device().type != "cpu" or not self.settings.lend_idle_cores:
+        if not folder:
             return None
         return CoreShare(
             Path(folder),

@@ -3,12 +3,14 @@ back before that node computes, and never kept by a borrower that dies."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -123,15 +125,26 @@ with node.computing(jobs=1, expected_s=1.0) as lent:
 """
 
 
-def test_a_borrower_that_dies_mid_pass_gives_the_core_back(tmp_path: Path) -> None:
-    # Given a real process that borrowed its neighbour's core and computes on it
-    folder = create_share(2, tmp_path)
-    lender = _node(folder, 1)
+@contextlib.contextmanager
+def _borrower(folder: Path) -> Iterator[subprocess.Popen[str]]:
+    """A real process, node 0 of the share, in the middle of a pass on its neighbour's borrowed core."""
     child = subprocess.Popen(
         [sys.executable, "-c", _BORROWER, str(folder)], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
     )
     try:
         assert child.stdout is not None and child.stdout.readline().strip() == "lent=True"
+        yield child
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_a_borrower_that_dies_mid_pass_gives_the_core_back(tmp_path: Path) -> None:
+    # Given a real process that borrowed its neighbour's core and computes on it
+    folder = create_share(2, tmp_path)
+    lender = _node(folder, 1)
+    with _borrower(folder) as child:
         lender.hold(1)
         entered = threading.Event()
 
@@ -147,10 +160,6 @@ def test_a_borrower_that_dies_mid_pass_gives_the_core_back(tmp_path: Path) -> No
         child.wait(timeout=10)
         # Then the kernel's release of its locks hands the core back at once
         assert entered.wait(5)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
 
 
 def test_the_batcher_borrows_only_once_it_knows_a_pass_is_long(tmp_path: Path) -> None:
@@ -200,11 +209,7 @@ def test_a_stopped_borrower_delays_its_lender_only_for_a_bounded_time(
     monkeypatch.setattr(core_share, "RECLAIM_WAIT_S", 0.5)
     folder = create_share(2, tmp_path)
     lender = _node(folder, 1)
-    child = subprocess.Popen(
-        [sys.executable, "-c", _BORROWER, str(folder)], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "lent=True"
+    with _borrower(folder) as child:
         os.kill(child.pid, signal.SIGSTOP)
         lender.hold(1)
         # When the lender has a job to compute, it waits for its core, but not for ever
@@ -212,6 +217,3 @@ def test_a_stopped_borrower_delays_its_lender_only_for_a_bounded_time(
         with lender.computing(jobs=1, expected_s=LONG_PASS_S):
             waited_s = time.monotonic() - started
         assert 0.5 <= waited_s < 3.0
-    finally:
-        child.kill()
-        child.wait()
