@@ -43,24 +43,30 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local LEASES, QUEUED, PUBLISHED = '{leases_key()}', '{queued_key()}', '{published_key()}'
 local RETRIES, CALLBACKS, DEAD = '{retries_key()}', '{callbacks_key()}', '{dead_letter_key()}'
-local function blob_key() return '{PREFIX}:blob:' .. (redis.call('HGET', J, 'blob_ref') or '') end
+-- Fields a record never changes once created, read from it at most once per script.
+local fixed = {{}}
+local function field(name)
+  local v = fixed[name]
+  if v == nil then v = redis.call('HGET', J, name) or '' fixed[name] = v end
+  return v
+end
+local function blob_key() return '{PREFIX}:blob:' .. field('blob_ref') end
 local function num(field) return tonumber(redis.call('HGET', J, field) or '0') or 0 end
 -- A record written without its model's limit (an older version, a tool) gets the registry's default.
 local function max_attempts() local m = num('max_attempts') if m > 0 then return m end return {DEFAULT_MAX_ATTEMPTS} end
 -- Per tenant: its jobs (by submission time) and, per model, its waiting jobs; what a tenant may see of the queues.
 local function tenant_waiting()
-  return '{tenant_waiting_key("", "")[:-1]}' .. (redis.call('HGET', J, 'tenant') or '') .. ':' ..
-    (redis.call('HGET', J, 'model') or '')
+  return '{tenant_waiting_key("", "")[:-1]}' .. field('tenant') .. ':' .. field('model')
 end
 -- Per model: its waiting jobs, whatever their tenant or however many travel in one message: the queue depth.
-local function model_waiting() return '{model_waiting_key("")}' .. (redis.call('HGET', J, 'model') or '') end
+local function model_waiting() return '{model_waiting_key("")}' .. field('model') end
 -- Per model: its waiting stat (0) and urgent (1) jobs, by class, so a worker can see one is on its way.
-local function urgent_waiting() return '{urgent_waiting_key("")}' .. (redis.call('HGET', J, 'model') or '') end
+local function urgent_waiting() return '{urgent_waiting_key("")}' .. field('model') end
 local URGENT_RANKS = {{{Priority.STAT.value} = {Priority.STAT.rank}, {Priority.URGENT.value} = {Priority.URGENT.rank}}}
 local function wait_add(score)
   redis.call('ZADD', tenant_waiting(), score, ID)
   redis.call('ZADD', model_waiting(), score, ID)
-  local rank = URGENT_RANKS[redis.call('HGET', J, 'priority') or '']
+  local rank = URGENT_RANKS[field('priority')]
   if rank then redis.call('ZADD', urgent_waiting(), rank, ID) end
 end
 local function wait_remove()
@@ -68,10 +74,10 @@ local function wait_remove()
   redis.call('ZREM', model_waiting(), ID)
   redis.call('ZREM', urgent_waiting(), ID)
 end
-local function tenant_jobs() return '{tenant_jobs_key("")}' .. (redis.call('HGET', J, 'tenant') or '') end
+local function tenant_jobs() return '{tenant_jobs_key("")}' .. field('tenant') end
 -- Cluster-wide counters for /metrics: one hash per counter, the field is the label values joined by '|'.
 local function count(name, labels) redis.call('HINCRBY', '{_STATS_PREFIX}' .. name, labels, 1) end
-local function model() return redis.call('HGET', J, 'model') or '' end
+local function model() return field('model') end
 local function error_code(err)
   if err == '' then return '' end
   local ok, decoded = pcall(cjson.decode, err)
@@ -91,7 +97,7 @@ local function finalize(status, result, err, keep_ttl, keep_blob, callback_grace
   redis.call('ZREM', QUEUED, ID)
   redis.call('ZREM', PUBLISHED, ID)
   redis.call('ZREM', RETRIES, ID)
-  local owed = (redis.call('HGET', J, 'callback_url') or '') ~= ''
+  local owed = field('callback_url') ~= ''
   if owed then
     redis.call('HSET', J, 'callback_state', 'pending', 'callback_attempts', 0)
     redis.call('ZADD', CALLBACKS, now + tonumber(callback_grace), ID)

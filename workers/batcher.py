@@ -37,6 +37,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -73,6 +74,17 @@ class BatchOutput:
 
     rows: np.ndarray
     batch_jobs: int
+
+
+class Submission(NamedTuple):
+    """One job handed to the batcher: see `DynamicBatcher.submit` for the fields."""
+
+    job_id: str
+    token: int
+    rows: np.ndarray
+    isolate: bool = False
+    priority: int = ROUTINE_RANK
+    deadline_s: float = float("inf")
 
 
 @dataclass
@@ -127,10 +139,11 @@ class DynamicBatcher:
 
     # --- called by task threads
 
-    def expect(self, priority: int = ROUTINE_RANK) -> None:
-        """A job of this model (priority rank `priority`) was claimed here and is decoding: worth waiting for it."""
+    def expect(self, priority: int = ROUTINE_RANK, count: int = 1) -> None:
+        """`count` jobs of this model (priority rank `priority`) were claimed here and are decoding: worth waiting
+        for them."""
         with self._cond:
-            self._arriving[priority] += 1
+            self._arriving[priority] += count
             self._cond.notify_all()
 
     def unexpect(self, priority: int = ROUTINE_RANK) -> None:
@@ -152,15 +165,22 @@ class DynamicBatcher:
         """Queue one job's rows (leading axis: rows of the batch); the future holds its rows of the outputs.
         `priority` is a rank (0 most urgent: protocol.priority), `deadline_s` the job's queue deadline (any clock;
         only compared with other jobs' deadlines)."""
-        item = _Item(job_id, token, rows, isolate, priority, deadline_s, time.monotonic())
+        [future] = self.submit_many([Submission(job_id, token, rows, isolate, priority, deadline_s)])
+        return future
+
+    def submit_many(self, submissions: list[Submission]) -> list[Future[BatchOutput]]:
+        """Queue several jobs at once (a bulk chunk's): one wake-up of the batcher thread instead of one per job."""
+        now_s = time.monotonic()
+        items = [_Item(*submission, enqueued_s=now_s) for submission in submissions]
         with self._cond:
-            if self._stopped:
-                item.future.set_exception(InferqError("the batcher is stopped"))
-                return item.future
-            self._arrived(priority)
-            self._items.append(item)
+            for item in items:
+                if self._stopped:
+                    item.future.set_exception(InferqError("the batcher is stopped"))
+                    continue
+                self._arrived(item.priority)
+                self._items.append(item)
             self._cond.notify_all()
-        return item.future
+        return [item.future for item in items]
 
     def row_cap(self) -> int:
         """Most rows the next batch may hold: `max_batch_size`, fewer where `max_batch_ms` of compute fits less."""

@@ -35,13 +35,16 @@ from inferq.protocol.keys import many_task_name_for, prep_task_name_for, task_na
 from inferq.protocol.metrics import record_claim, record_outcome
 from inferq.protocol.priority import stored_priority
 from inferq.protocol.registry import ModelSpec, Registry
-from inferq.workers.batcher import BatchOutput, Fenced
+from inferq.workers.batcher import BatchOutput, Fenced, Submission
 from inferq.workers.handoff import pack, unpack
 from inferq.workers.inference import build_result, prepare_input
 from inferq.workers.metrics import record_gpu_memory
 from inferq.workers.runtime import WorkerRuntime, retry_backoff_s
 
 log = logging.getLogger(__name__)
+
+# An attempt's outcome to record: job id, claim, final status, result or error payload, jobs in its batch.
+_Attempt = tuple[str, Claim, JobStatus, dict[str, Any], int]
 
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, BackendUnavailable)
 
@@ -180,11 +183,16 @@ def _attempts(
     share forward passes; the outcomes are written in one round trip. A summary per job for Celery's logs."""
     started_s = time.monotonic()
     batcher = runtime.batcher(spec.name)
-    for _, claim, _ in held:
-        batcher.expect(_rank(claim))  # the batcher waits for a whole chunk rather than run its first job alone
-    submitted = [(job_id, claim, _submit(runtime, spec, job_id, claim, blob, prepared)) for job_id, claim, blob in held]
+    for rank, count in Counter(_rank(claim) for _, claim, _ in held).items():
+        batcher.expect(rank, count)  # the batcher waits for a whole chunk rather than run its first job alone
+    submitted = [(job_id, claim, _decode(runtime, spec, job_id, claim, blob, prepared)) for job_id, claim, blob in held]
+    ready = [(pending, pending.submission) for _, _, pending in submitted if pending.submission is not None]
+    # One hand-over for the chunk: one wake-up of the batcher thread, not one per job.
+    futures = batcher.submit_many([submission for _, submission in ready])
+    for (pending, _), future in zip(ready, futures, strict=True):
+        pending.future = future
     results: list[dict[str, Any]] = []
-    outcomes: list[tuple[str, Claim, JobStatus, dict[str, Any], int]] = []
+    outcomes: list[_Attempt] = []
     for job_id, claim, pending in submitted:
         try:
             outcomes.append((job_id, claim, *_await(spec, pending, started_s)))
@@ -215,7 +223,7 @@ def _record(
 def _record_many(
     runtime: WorkerRuntime,
     spec: ModelSpec,
-    attempts: list[tuple[str, Claim, JobStatus, dict[str, Any], int]],
+    attempts: list[_Attempt],
     *,
     started_s: float,
 ) -> list[dict[str, Any]]:
@@ -240,45 +248,59 @@ def _record_many(
         return [{"job_id": job_id, "status": "unrecorded"} for job_id, *_ in attempts]
     compute_s = time.monotonic() - started_s
     results = []
+    recorded: dict[str, list[str]] = {}
     for (job_id, claim, status, payload, batch_jobs), reply in zip(attempts, replies, strict=True):
         if reply == "ok:callback":
             runtime.send_callback(job_id)
         if reply.startswith("ok"):
             code = str((payload or {}).get("code", "")) if status == JobStatus.FAILED else ""
             record_outcome(spec.name, status.value, code, queued_s=claim.queued_s, compute_s=compute_s)
-            log.info("job %s recorded %s (attempt %d, batch of %d)", job_id, status.value, claim.token, batch_jobs)
+            recorded.setdefault(status.value, []).append(job_id)
         else:
             log.warning("job %s: outcome of attempt %d not recorded: %s", job_id, claim.token, reply)
         results.append({"job_id": job_id, "status": status.value, "batch_size": batch_jobs})
+    _log_recorded(attempts, recorded)
     record_gpu_memory(runtime.device())
     return results
 
 
+def _log_recorded(attempts: list[_Attempt], recorded: dict[str, list[str]]) -> None:
+    """One line per job, or one per bulk chunk: a hundred lines for a millisecond's compute would cost the worker
+    more than the jobs do. Either way each recorded job's id appears with its status."""
+    if len(attempts) == 1 and recorded:
+        job_id, claim, status, _, batch_jobs = attempts[0]
+        log.info("job %s recorded %s (attempt %d, batch of %d)", job_id, status.value, claim.token, batch_jobs)
+    elif recorded:
+        batches = sorted({batch_jobs for *_, batch_jobs in attempts})
+        listed = "; ".join(f"{status}: {' '.join(ids)}" for status, ids in recorded.items())
+        log.info("chunk of %d jobs recorded (batches of %s): %s", len(attempts), batches, listed)
+
+
 @dataclass
 class _Pending:
-    """A job handed to its batcher (`future`, and what decoding learned of the input), or already decided
-    (`outcome`: a bad input)."""
+    """A decoded job, to be handed to its batcher (`submission`) and then awaited (`future`), with what decoding
+    learned of the input; or one already decided (`outcome`: a bad input)."""
 
     job_id: str
+    submission: Submission | None = None
     future: Future[BatchOutput] | None = None
     info: Any = None
     outcome: tuple[JobStatus, dict[str, Any], int] | None = None
 
 
-def _submit(
+def _decode(
     runtime: WorkerRuntime, spec: ModelSpec, job_id: str, claim: Claim, blob: bytes | None, prepared: bool
 ) -> _Pending:
-    """Decode here (unless a decoding stage did) and hand the rows to the model's batcher, which the caller told to
+    """Decode here (unless a decoding stage did) into the rows for the model's batcher, which the caller told to
     `expect` the job; a bad input fails only this job."""
-    batcher = runtime.batcher(spec.name)
     try:
         if blob is None:
             raise BlobMissing("the upload of this job is no longer stored")
         rows, info = unpack(blob) if prepared else runtime.runner(spec.name).prepare(blob)
     except Exception as e:
-        batcher.unexpect(_rank(claim))
+        runtime.batcher(spec.name).unexpect(_rank(claim))
         return _Pending(job_id, outcome=_failure(job_id, e))
-    future = batcher.submit(
+    submission = Submission(
         job_id,
         claim.token,
         _with_batch_axis(spec, rows),
@@ -287,7 +309,7 @@ def _submit(
         priority=_rank(claim),
         deadline_s=claim.deadline_at_s,
     )
-    return _Pending(job_id, future=future, info=info)
+    return _Pending(job_id, submission=submission, info=info)
 
 
 def _await(spec: ModelSpec, pending: _Pending, started_s: float) -> tuple[JobStatus, dict[str, Any], int]:

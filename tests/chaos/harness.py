@@ -39,6 +39,8 @@ from inferq.protocol.registry import load_registry
 from tests.callback_receiver import CALLBACK_SECRET, CallbackReceiver
 
 _RECORDED = re.compile(r"job ([0-9a-f]{32}) recorded (\w+)")
+# A bulk chunk's jobs share one line: "chunk of N jobs recorded (batches of [..]): succeeded: id id; failed: id".
+_CHUNK_RECORDED = re.compile(r"chunk of \d+ jobs recorded \(batches of [^)]*\): ([^\n\"]*)")
 # A model whose time limits a batch of chest X-rays on one CPU thread always overruns.
 _SLOW_MODEL = """
 [models.slow-xray]
@@ -227,7 +229,7 @@ class ChaosStack:
         views = self.wait_final(job_ids, timeout_s=timeout_s)
         tally = Tally(scenario, submitted=len(job_ids), seconds=time.monotonic() - started_s)
         recorded = Counter(
-            m.group(1) for name in self.services.processes for m in _RECORDED.finditer(self.services.log_of(name))
+            job_id for name in self.services.processes for job_id in _recorded_ids(self.services.log_of(name))
         )
         for job_id, view in zip(job_ids, views or [None] * len(job_ids), strict=True):
             if view is None or view["status"] not in FINAL_STATUSES:
@@ -244,6 +246,14 @@ class ChaosStack:
             tally.run_twice += recorded[job_id] > 1
             tally.retried += view["attempts"] > 1
         return tally
+
+
+def _recorded_ids(log: str) -> list[str]:
+    """Each job id a worker's log says it recorded an outcome for, once per recording."""
+    ids = [m.group(1) for m in _RECORDED.finditer(log)]
+    for m in _CHUNK_RECORDED.finditer(log):
+        ids += re.findall(r"\b[0-9a-f]{32}\b", m.group(1))
+    return ids
 
 
 @contextlib.contextmanager

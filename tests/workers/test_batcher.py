@@ -13,9 +13,10 @@ import torch
 from inferq.config import DEFAULT_REGISTRY_PATH, Settings
 from inferq.producers.samples import write_samples
 from inferq.protocol.connections import Stores, open_stores
+from inferq.protocol.errors import InferqError
 from inferq.protocol.jobs import JobStore, new_job_id
 from inferq.protocol.registry import load_registry
-from inferq.workers.batcher import DynamicBatcher, Fenced
+from inferq.workers.batcher import DynamicBatcher, Fenced, Submission
 from inferq.workers.inference import ModelRunner, load_runner
 from inferq.workers.weights import ensure_generated_weights
 
@@ -139,6 +140,31 @@ def test_a_job_cancelled_while_it_waits_in_the_batcher_is_dropped(fraud: ModelRu
     assert waiting[1].result(timeout=30).batch_jobs == 1
     assert stores.jobs.view(claimed[1][0])["status"] == "cancelled"
     batcher.stop()
+
+
+def test_jobs_handed_over_together_run_as_one_batch(fraud: ModelRunner, stores: Stores) -> None:
+    # A bulk chunk: five jobs expected at once and handed over in one call run as one forward pass.
+    rng = np.random.default_rng(5)
+    inputs = [rng.standard_normal((1, 30)).astype(np.float32) for _ in range(5)]
+    claimed = _claimed(stores.jobs, len(inputs))
+    batcher = _batcher(fraud, stores.jobs, batch_wait_ms=60_000)
+    batcher.expect(count=len(inputs))
+    futures = batcher.submit_many([Submission(j, t, x) for (j, t), x in zip(claimed, inputs, strict=True)])
+    outputs = [f.result(timeout=30) for f in futures]
+    batcher.stop()
+    assert batcher.batches_run == [5]
+    for x, out in zip(inputs, outputs, strict=True):
+        np.testing.assert_allclose(out.rows, fraud.infer(x), atol=1e-5)
+
+
+def test_jobs_handed_to_a_stopped_batcher_all_fail(fraud: ModelRunner, stores: Stores) -> None:
+    batcher = _batcher(fraud, stores.jobs)
+    batcher.stop()
+    x = np.zeros((1, 30), dtype=np.float32)
+    futures = batcher.submit_many([Submission(j, t, x) for j, t in _claimed(stores.jobs, 3)])
+    for future in futures:
+        with pytest.raises(InferqError, match="stopped"):
+            future.result(timeout=5)
 
 
 def test_a_lone_job_does_not_wait_for_a_batch(fraud: ModelRunner, stores: Stores) -> None:
