@@ -35,7 +35,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -117,6 +117,7 @@ class DynamicBatcher:
         max_batch_ms: float | None = None,
         urgent_waiting: UrgentProbe | None = None,
         cores: CoreShare | None = None,
+        compute_thread: Executor | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -129,6 +130,8 @@ class DynamicBatcher:
         self._row_s: float | None = None  # compute seconds per row, as measured here
         self._urgent_waiting = urgent_waiting
         self._cores = cores
+        # The node's one thread for torch (workers.compute): passes run there, not in this thread, where given.
+        self._compute_thread = compute_thread
         self._items: list[_Item] = []
         self._arriving: Counter[int] = Counter()  # jobs claimed here and still decoding, by priority rank
         self._cond = threading.Condition()
@@ -297,10 +300,10 @@ class DynamicBatcher:
     def _compute(self, batch: list[_Item]) -> None:
         rows = np.concatenate([item.rows for item in batch])
         try:
-            with self._computing(jobs=len(batch), rows=len(rows)) as lent:
-                started_s = time.monotonic()
-                outputs = self._run_batch(rows)
-                elapsed_s = time.monotonic() - started_s
+            if self._compute_thread is None:
+                outputs, elapsed_s, lent = self._pass(rows, len(batch))
+            else:
+                outputs, elapsed_s, lent = self._compute_thread.submit(self._pass, rows, len(batch)).result()
         except Exception as e:
             if len(batch) == 1:
                 batch[0].future.set_exception(e)
@@ -321,6 +324,14 @@ class DynamicBatcher:
             stop = start + len(item.rows)
             item.future.set_result(BatchOutput(rows=outputs[start:stop], batch_jobs=len(batch)))
             start = stop
+
+    def _pass(self, rows: np.ndarray, jobs: int) -> tuple[np.ndarray, float, bool]:
+        """One forward pass on this node's cores (borrowing idle neighbours' where worth it): the outputs, the
+        seconds it took, and whether cores were borrowed."""
+        with self._computing(jobs=jobs, rows=len(rows)) as lent:
+            started_s = time.monotonic()
+            outputs = self._run_batch(rows)
+            return outputs, time.monotonic() - started_s, lent
 
     @contextlib.contextmanager
     def _computing(self, *, jobs: int, rows: int) -> Iterator[bool]:

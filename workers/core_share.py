@@ -59,7 +59,7 @@ class CoreShare:
     """One node's side of the share: its busy flag, its lock, and its neighbours' cores to borrow.
 
     `threads` is the node's own torch thread count; `set_threads` sets the calling thread's (torch.set_num_threads
-    acts per thread for OpenMP, and the batcher thread is the one that computes)."""
+    acts per thread for OpenMP, and `computing` runs on the node's compute thread: workers.compute)."""
 
     def __init__(
         self, folder: Path, *, index: int, threads: int, max_threads: int, set_threads: Callable[[int], None]

@@ -25,6 +25,7 @@ from inferq.protocol.jobs import Claim
 from inferq.protocol.keys import blob_key
 from inferq.protocol.registry import ModelSpec, Registry
 from inferq.workers.batcher import DynamicBatcher
+from inferq.workers.compute import ComputeThread
 from inferq.workers.core_share import CoreShare
 from inferq.workers.inference import ModelRunner, load_runner
 from inferq.workers.layout import usable_cpus
@@ -68,6 +69,8 @@ class WorkerRuntime:
         self._bytes: redis.Redis | None = None
         self.leases: LeaseKeeper | None = None
         self.cores: CoreShare | None = None
+        # Every torch call of the process runs on it (workers.compute); made by `start`.
+        self.compute: ComputeThread | None = None
         self._queues: list[str] | None = None
 
     def select(self, specs: list[ModelSpec], *, queues: list[str] | None = None) -> None:
@@ -84,7 +87,7 @@ class WorkerRuntime:
         """Open the stores, load and warm every selected model, start the batchers and the lease keeper (which
         heartbeats the node's `slots`, the jobs it holds at once, for the load metric)."""
         self.node = node or self.node
-        torch.set_num_threads(self.torch_threads())
+        self.compute = ComputeThread(self.torch_threads())
         self.cores = self._core_share()
         for spec in self.selected:
             self._runners[spec.name] = self._load(spec)
@@ -102,7 +105,7 @@ class WorkerRuntime:
             "worker process %d ready: models %s, %d torch thread(s)",
             os.getpid(),
             ", ".join(self._runners) or "none",
-            torch.get_num_threads(),
+            self.compute.threads,
         )
 
     def stop(self) -> None:
@@ -110,6 +113,8 @@ class WorkerRuntime:
             batcher.stop()
         if self.leases is not None:
             self.leases.stop()
+        if self.compute is not None:
+            self.compute.shutdown()
 
     @property
     def stores(self) -> Stores:
@@ -163,6 +168,7 @@ class WorkerRuntime:
             max_batch_ms=spec.max_batch_ms,
             urgent_waiting=lambda rank: self.stores.jobs.more_urgent_waiting(spec.name, rank),
             cores=self.cores,
+            compute_thread=self.compute.executor if self.compute is not None else None,
         )
 
     def _core_share(self) -> CoreShare | None:
@@ -180,6 +186,11 @@ class WorkerRuntime:
         )
 
     def _load(self, spec: ModelSpec) -> ModelRunner:
+        if self.compute is not None:
+            return self.compute.run(self._load_here, spec)
+        return self._load_here(spec)
+
+    def _load_here(self, spec: ModelSpec) -> ModelRunner:
         runner = load_runner(spec, self.settings, self.device())
         runner.warm_up()
         return runner
