@@ -16,7 +16,7 @@ from inferq.protocol.connections import Stores, open_stores
 from inferq.protocol.errors import InferqError
 from inferq.protocol.jobs import JobStore, new_job_id
 from inferq.protocol.registry import load_registry
-from inferq.workers.batcher import DynamicBatcher, Fenced, Submission
+from inferq.workers.batcher import BatchOutput, DynamicBatcher, Fenced, Submission
 from inferq.workers.inference import ModelRunner, load_runner
 from inferq.workers.weights import ensure_generated_weights
 
@@ -67,6 +67,11 @@ def _batcher(runner: ModelRunner, jobs: JobStore, **overrides: float) -> Dynamic
     )
 
 
+def _assert_each_equals_alone(runner: ModelRunner, inputs: list[np.ndarray], outputs: list[BatchOutput]) -> None:
+    for x, out in zip(inputs, outputs, strict=True):
+        np.testing.assert_allclose(out.rows, runner.infer(x), atol=1e-5)
+
+
 def test_batched_tensor_jobs_equal_each_job_run_alone(fraud: ModelRunner, stores: Stores) -> None:
     rng = np.random.default_rng(3)
     inputs = [rng.standard_normal((rows, 30)).astype(np.float32) for rows in (1, 3, 2, 5)]
@@ -78,9 +83,8 @@ def test_batched_tensor_jobs_equal_each_job_run_alone(fraud: ModelRunner, stores
     outputs = [f.result(timeout=30) for f in futures]
     batcher.stop()
     assert batcher.batches_run == [4]  # the four expected jobs ran as one forward pass
-    for x, out in zip(inputs, outputs, strict=True):
-        assert out.batch_jobs == 4
-        np.testing.assert_allclose(out.rows, fraud.infer(x), atol=1e-5)
+    assert [out.batch_jobs for out in outputs] == [4] * 4
+    _assert_each_equals_alone(fraud, inputs, outputs)
 
 
 def test_batched_images_equal_each_image_run_alone(xray: ModelRunner, stores: Stores, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -94,8 +98,7 @@ def test_batched_images_equal_each_image_run_alone(xray: ModelRunner, stores: St
     outputs = [f.result(timeout=120) for f in futures]
     batcher.stop()
     assert batcher.batches_run == [3]
-    for x, out in zip(tensors, outputs, strict=True):
-        np.testing.assert_allclose(out.rows, xray.infer(x), atol=1e-5)
+    _assert_each_equals_alone(xray, tensors, outputs)
 
 
 def test_a_bad_input_in_a_batch_fails_only_its_own_job(fraud: ModelRunner, stores: Stores) -> None:
@@ -153,8 +156,7 @@ def test_jobs_handed_over_together_run_as_one_batch(fraud: ModelRunner, stores: 
     outputs = [f.result(timeout=30) for f in futures]
     batcher.stop()
     assert batcher.batches_run == [5]
-    for x, out in zip(inputs, outputs, strict=True):
-        np.testing.assert_allclose(out.rows, fraud.infer(x), atol=1e-5)
+    _assert_each_equals_alone(fraud, inputs, outputs)
 
 
 def test_jobs_handed_to_a_stopped_batcher_all_fail(fraud: ModelRunner, stores: Stores) -> None:
