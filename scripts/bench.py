@@ -12,8 +12,10 @@
 
 All three share one private Redis and run one after the other. chest-xray: throughput at saturation (16 clients)
 and latency at low load (1 client, sequential), whose overhead is end-to-end minus the in-process single-image
-p50 in its best configuration (one process, the thread count with the lowest p50: on an idle host, every core). fraud:
-one-row jobs per second. Each row prints system/limit and system/naive; on a busy machine the ratios mean more
+p50 in its best configuration (one process, the thread count with the lowest p50 in the search: on an idle host,
+every core), measured in the same minutes: before each low-load job, a reference process runs the same image
+in-process, since a shared machine's speed drifts by tens of percent between the search and the low-load phase.
+fraud: one-row jobs per second. Each row prints system/limit and system/naive; on a busy machine the ratios mean more
 than the absolute figures.
 
     .venv/bin/python scripts/bench.py                 # everything (a few minutes on 2 cores)
@@ -72,6 +74,7 @@ MODELS = ("chest-xray", "fraud")
 _STARTUP_TIMEOUT_S = 300.0
 _JOB_WAIT_S = 120.0
 _FRAUD_FEATURES = 30
+_REFERENCE_PAUSE_S = 0.05
 
 JobRunner = Callable[[int], None]
 Session = Callable[[], AbstractContextManager[JobRunner]]
@@ -130,6 +133,8 @@ class Loop:
     elapsed_s: float
     latencies_s: list[float]
     batch_sizes: list[int] = field(default_factory=list)
+    # Low load only: the in-process reference's latency, measured just before each job (the same minutes).
+    reference_latencies_s: list[float] = field(default_factory=list)
 
     @property
     def per_s(self) -> float:
@@ -271,6 +276,92 @@ def measure_limit(model: str, counts: Counts, usable: int, samples_dir: Path, tm
     return limit
 
 
+# --- the low-load reference, interleaved with the system's jobs
+
+
+def _reference_child(spec_json: str) -> None:
+    """The in-process reference at low load: one process at the best single-image thread count; for each index read
+    from stdin, decode and run that image alone and print the seconds it took."""
+    spec = json.loads(spec_json)
+    torch.set_num_threads(spec["threads"])
+    settings = Settings()
+    runner = load_runner(load_registry(settings.registry_path).get_model("chest-xray"), settings, torch.device("cpu"))
+    samples = [Path(spec["samples_dir"]) / name for name in SAMPLE_NAMES]
+    blobs = [data for _, data in _xray_inputs(samples, spec["count"])]
+    runner.warm_up()
+    for blob in blobs[: len(SAMPLE_NAMES)]:
+        runner.run(blob)  # every decoder warm
+    print("ready", flush=True)
+    for line in sys.stdin:
+        blob = blobs[int(line) % len(blobs)]
+        sent = time.monotonic()
+        runner.infer(runner.prepare(blob)[0][np.newaxis])
+        print(time.monotonic() - sent, flush=True)
+
+
+class Reference:
+    """The reference process of `_reference_child`, alive for one system's low-load phase. On a shared machine the
+    speed drifts by tens of percent within minutes, so the low-load overhead subtracts the reference measured beside
+    each job, not the one of the limit search minutes earlier."""
+
+    def __init__(self, threads: int, count: int, samples: list[Path], log: Path) -> None:
+        spec = {"threads": threads, "count": count, "samples_dir": str(samples[0].parent)}
+        argv = [sys.executable, str(Path(__file__).resolve()), "--reference-child", json.dumps(spec)]
+        with log.open("ab") as stderr:
+            self._child = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True
+            )
+        if self._read() != "ready":
+            self.close()
+            raise RuntimeError(f"the low-load reference did not start; see {log}")
+
+    def _read(self) -> str:
+        assert self._child.stdout is not None
+        return self._child.stdout.readline().strip()
+
+    def run(self, index: int) -> float:
+        assert self._child.stdin is not None
+        self._child.stdin.write(f"{index}\n")
+        self._child.stdin.flush()
+        return float(self._read())
+
+    def close(self) -> None:
+        with suppress(OSError):
+            if self._child.stdin is not None:
+                self._child.stdin.close()
+        try:
+            self._child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._child.kill()
+            self._child.wait()
+
+
+@contextmanager
+def reference_process(threads: int, count: int, samples: list[Path], log: Path) -> Iterator[Reference]:
+    reference = Reference(threads, count, samples, log)
+    try:
+        yield reference
+    finally:
+        reference.close()
+
+
+def low_load_loop(session: Session, reference: Reference, *, jobs: int) -> Loop:
+    """One client, one job at a time; before each, the same image in-process (`reference`), then a pause so that its
+    threads are idle again when the system's job starts."""
+    latencies_s: list[float] = []
+    reference_s: list[float] = []
+    started = time.perf_counter()
+    with session() as run:
+        for index in range(jobs):
+            reference_s.append(reference.run(index))
+            time.sleep(_REFERENCE_PAUSE_S)
+            sent = time.perf_counter()
+            run(index)
+            latencies_s.append(time.perf_counter() - sent)
+    elapsed_s = time.perf_counter() - started
+    return Loop(jobs=jobs, elapsed_s=elapsed_s, latencies_s=latencies_s, reference_latencies_s=reference_s)
+
+
 # --- client loops, shared by both systems
 
 
@@ -353,7 +444,9 @@ def _wait_naive_ready(redis_url: str, stack: ServiceStack) -> None:
     raise RuntimeError(f"the naive Celery worker did not start (dead: {stack.dead()})")
 
 
-def measure_naive(models: list[str], counts: Counts, redis_url: str, samples: list[Path], tmp: Path) -> SystemFigures:
+def measure_naive(
+    models: list[str], counts: Counts, redis_url: str, samples: list[Path], tmp: Path, reference_threads: int
+) -> SystemFigures:
     from naive_celery_app import CHEST_XRAY_TASK, FRAUD_TASK
 
     figures = SystemFigures()
@@ -369,7 +462,8 @@ def measure_naive(models: list[str], counts: Counts, redis_url: str, samples: li
             session = _naive_session(redis_url, CHEST_XRAY_TASK, lambda i: [encoded[i % len(encoded)]])
             closed_loop(session, clients=counts.clients, jobs=counts.clients)  # warm up (first: model loads)
             figures.xray_saturation = closed_loop(session, clients=counts.clients, jobs=counts.xray_jobs)
-            figures.xray_low_load = closed_loop(session, clients=1, jobs=counts.low_load_jobs)
+            with reference_process(reference_threads, counts.low_load_jobs, samples, tmp / "reference.log") as ref:
+                figures.xray_low_load = low_load_loop(session, ref, jobs=counts.low_load_jobs)
         if "fraud" in models:
             rows = [job[0]["data"] for job in _fraud_inputs(counts.fraud_jobs)]
             session = _naive_session(redis_url, FRAUD_TASK, lambda i: [[rows[i]]])
@@ -429,7 +523,9 @@ def _fraud_bulk(client: InferqClient, jobs: list[list[dict[str, Any]]]) -> Loop:
     return Loop(jobs=len(jobs), elapsed_s=elapsed_s, latencies_s=[], batch_sizes=[int(j["batch_size"]) for j in done])
 
 
-def measure_inferq(models: list[str], counts: Counts, redis_url: str, samples: list[Path], tmp: Path) -> SystemFigures:
+def measure_inferq(
+    models: list[str], counts: Counts, redis_url: str, samples: list[Path], tmp: Path, reference_threads: int
+) -> SystemFigures:
     figures = SystemFigures()
     api_port = free_port()
     api_url = f"http://127.0.0.1:{api_port}"
@@ -465,7 +561,9 @@ def measure_inferq(models: list[str], counts: Counts, redis_url: str, samples: l
             session = InferqSession(api_url, api_key, "chest-xray", submit_xray)
             figures.xray_saturation = session.loop(clients=counts.clients, jobs=counts.xray_jobs)
             session = InferqSession(api_url, api_key, "chest-xray", submit_xray)
-            figures.xray_low_load = session.loop(clients=1, jobs=counts.low_load_jobs)
+            with reference_process(reference_threads, counts.low_load_jobs, samples, tmp / "reference.log") as ref:
+                figures.xray_low_load = low_load_loop(session, ref, jobs=counts.low_load_jobs)
+            figures.xray_low_load.batch_sizes = list(session.batch_sizes)
         if "fraud" in models:
             jobs = _fraud_inputs(counts.fraud_jobs)
 
@@ -540,19 +638,20 @@ def _rows(limits: dict[str, Limit], naive: SystemFigures, inferq: SystemFigures,
             )
         )
         single = limit.best_single()
+        references = [_reference_p50(loop) for loop in (naive.xray_low_load, inferq.xray_low_load)]
         for percent in (50, 99):
             reference = _ms(_percentile(single.single_latencies_s, percent)) if single else None
             naive_ms = _ms(_percentile(naive.xray_low_load.latencies_s, percent)) if naive.xray_low_load else None
             inferq_ms = _ms(_percentile(inferq.xray_low_load.latencies_s, percent)) if inferq.xray_low_load else None
             rows.append((f"chest-xray low load p{percent}, 1 client", "ms", reference, naive_ms, inferq_ms, ""))
-            base = _ms(_percentile(single.single_latencies_s, 50)) if single else None
+            if percent == 50:
+                rows.append(("  in-process p50, measured beside each job", "ms", None, *references, ""))
             rows.append(
                 (
-                    f"  overhead p{percent} (minus in-process p50)",
+                    f"  overhead p{percent} (minus in-process p50 above)",
                     "ms",
-                    0.0 if base is not None else None,
-                    naive_ms - base if naive_ms is not None and base is not None else None,
-                    inferq_ms - base if inferq_ms is not None and base is not None else None,
+                    None,
+                    *(_minus(system, base) for system, base in zip((naive_ms, inferq_ms), references, strict=True)),
                     _batch_note(inferq.xray_low_load) if percent == 50 else "",
                 )
             )
@@ -582,13 +681,21 @@ def _rows(limits: dict[str, Limit], naive: SystemFigures, inferq: SystemFigures,
     return rows
 
 
+def _reference_p50(loop: Loop | None) -> float | None:
+    return _ms(_percentile(loop.reference_latencies_s, 50)) if loop and loop.reference_latencies_s else None
+
+
+def _minus(value: float | None, base: float | None) -> float | None:
+    return value - base if value is not None and base is not None else None
+
+
 def print_report(limits: dict[str, Limit], naive: SystemFigures, inferq: SystemFigures, counts: Counts) -> None:
     print("\nresults (latency rows: lower is better, ratios there are system/limit of the end-to-end time)")
     header = f"{'row':44} {'unit':6} {'limit':>9} {'naive':>9} {'inferq':>9}"
     header += f" {'naive/limit':>11} {'inferq/limit':>12} {'inferq/naive':>12}  notes"
     print(header)
     for name, unit, limit_value, naive_value, inferq_value, note in _rows(limits, naive, inferq, counts):
-        overhead = name.strip().startswith("overhead")
+        overhead = name.strip().startswith(("overhead", "in-process"))
         line = f"{name:44} {unit:6} {_cell(limit_value):>9} {_cell(naive_value):>9} {_cell(inferq_value):>9}"
         naive_limit = "-" if overhead else _ratio(naive_value, limit_value)
         inferq_limit = "-" if overhead else _ratio(inferq_value, limit_value)
@@ -602,9 +709,13 @@ def print_report(limits: dict[str, Limit], naive: SystemFigures, inferq: SystemF
     if single and multi and multi is not single:
         one, many = _percentile(single.single_latencies_s, 50), _percentile(multi.single_latencies_s, 50)
         print(f"in-process single image p50: {_ms(one):.1f} ms on 1 thread, {_ms(many):.1f} ms on {usable_cpus()}")
+    print(f"low-load reference (overhead rows): one process on {_reference_threads(limits)} thread(s)")
+
+
+def _reference_threads(limits: dict[str, Limit]) -> int:
+    """The thread count of the lowest single-image p50 in the limit search (on an idle host: every core)."""
     best_single = limits["chest-xray"].best_single() if "chest-xray" in limits else None
-    if best_single:
-        print(f"low-load reference (overhead rows): {best_single.candidate.threads} thread(s)")
+    return best_single.candidate.threads if best_single else usable_cpus()
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -617,6 +728,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit-images", type=int, default=48, help="chest-xray images per limit candidate")
     parser.add_argument("--fraud-jobs", type=int, default=2000, help="fraud one-row jobs (limit, naive and inferq)")
     parser.add_argument("--limit-child", help=argparse.SUPPRESS)
+    parser.add_argument("--reference-child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -644,6 +756,9 @@ def main() -> None:
     if args.limit_child:
         _limit_child(args.limit_child)
         return
+    if args.reference_child:
+        _reference_child(args.reference_child)
+        return
     began = time.monotonic()
     counts = _counts(args)
     models = [args.only] if args.only else list(MODELS)
@@ -660,8 +775,9 @@ def main() -> None:
         samples = write_samples(tmp / "samples")
         limits = {model: measure_limit(model, counts, usable, tmp / "samples", tmp) for model in models}
         with EmbeddedRedis(tmp / "redis") as redis_server:
-            naive = measure_naive(models, counts, redis_server.url, samples, tmp)
-            inferq = measure_inferq(models, counts, redis_server.url, samples, tmp)
+            threads = _reference_threads(limits)
+            naive = measure_naive(models, counts, redis_server.url, samples, tmp, threads)
+            inferq = measure_inferq(models, counts, redis_server.url, samples, tmp, threads)
     print_report(limits, naive, inferq, counts)
     print(f"at the end: {_load()}")
     print(f"bench took {time.monotonic() - began:.0f} s")

@@ -21,3 +21,19 @@ def test_the_benchmark_runs_limit_naive_and_inferq_and_prints_their_ratios() -> 
     assert re.search(r"inferq/limit\s+inferq/naive", done.stdout)
     number = r"\s+[\d.]+"
     assert re.search(rf"fraud 40 one-row jobs, bulk\s+jobs/s{number * 6}", done.stdout), done.stdout
+
+
+def test_the_low_load_reference_runs_each_image_in_process_when_asked(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # The overhead rows subtract it: a reference that answered without running the image would hide the overhead.
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(REPO_ROOT / "scripts"))
+    from inferq.producers.samples import write_samples
+
+    samples = write_samples(tmp_path / "samples")
+    with bench.reference_process(1, 3, samples, tmp_path / "reference.log") as reference:
+        seconds = [reference.run(index) for index in range(3)]
+    # A DenseNet-121 pass on one thread takes tens of milliseconds on any CPU this runs on.
+    assert all(0.005 < s < 60 for s in seconds), seconds
