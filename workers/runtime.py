@@ -80,14 +80,15 @@ class WorkerRuntime:
 
     def prepare_weights(self) -> None:
         """Generate (where the repo makes them) and verify every selected model's weights."""
+        compute = self._compute_thread()  # generating weights runs torch, which belongs on that thread
         for spec in self.selected:
-            ensure_generated_weights(spec, self.settings)
+            compute.run(ensure_generated_weights, spec, self.settings)
 
     def start(self, node: str | None = None, *, slots: int = 0) -> None:
         """Open the stores, load and warm every selected model, start the batchers and the lease keeper (which
         heartbeats the node's `slots`, the jobs it holds at once, for the load metric)."""
         self.node = node or self.node
-        self.compute = ComputeThread(self.torch_threads())
+        self._compute_thread()
         self.cores = self._core_share()
         for spec in self.selected:
             self._runners[spec.name] = self._load(spec)
@@ -105,7 +106,7 @@ class WorkerRuntime:
             "worker process %d ready: models %s, %d torch thread(s)",
             os.getpid(),
             ", ".join(self._runners) or "none",
-            self.compute.threads,
+            self._compute_thread().threads,
         )
 
     def stop(self) -> None:
@@ -168,7 +169,7 @@ class WorkerRuntime:
             max_batch_ms=spec.max_batch_ms,
             urgent_waiting=lambda rank: self.stores.jobs.more_urgent_waiting(spec.name, rank),
             cores=self.cores,
-            compute_thread=self.compute.executor if self.compute is not None else None,
+            compute_thread=self._compute_thread().executor,
         )
 
     def _core_share(self) -> CoreShare | None:
@@ -185,10 +186,13 @@ class WorkerRuntime:
             set_threads=torch.set_num_threads,
         )
 
+    def _compute_thread(self) -> ComputeThread:
+        if self.compute is None:
+            self.compute = ComputeThread(self.torch_threads())
+        return self.compute
+
     def _load(self, spec: ModelSpec) -> ModelRunner:
-        if self.compute is not None:
-            return self.compute.run(self._load_here, spec)
-        return self._load_here(spec)
+        return self._compute_thread().run(self._load_here, spec)
 
     def _load_here(self, spec: ModelSpec) -> ModelRunner:
         runner = load_runner(spec, self.settings, self.device())
