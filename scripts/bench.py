@@ -64,7 +64,7 @@ from inferq.protocol.codec import TensorPayload
 from inferq.protocol.connections import redis_client
 from inferq.protocol.intake import TensorUpload, validate_input
 from inferq.protocol.registry import ImageInput, load_registry
-from inferq.workers.inference import load_runner
+from inferq.workers.inference import ModelRunner, load_runner
 from inferq.workers.layout import usable_cpus
 from inferq.workers.weights import ensure_generated_weights
 
@@ -183,9 +183,9 @@ def _candidates(model: str, usable: int, quick: bool) -> list[Candidate]:
     return found
 
 
-def _limit_child(spec_json: str) -> None:
-    """One process of a candidate: load, warm up, say `ready`, wait for `go`, run its share, print the timings."""
-    spec = json.loads(spec_json)
+def _warm_runner(spec: dict[str, Any], *, warm_inputs: int) -> tuple[ModelRunner, list[bytes]]:
+    """A child's model at `threads` torch threads, its `count` inputs as stored blobs, warmed up on the first
+    `warm_inputs` of them (every decoder)."""
     torch.set_num_threads(spec["threads"])
     settings = Settings()
     model_spec = load_registry(settings.registry_path).get_model(spec["model"])
@@ -198,13 +198,20 @@ def _limit_child(spec_json: str) -> None:
             TensorUpload(inputs=[TensorPayload.model_validate(t) for t in j]) for j in _fraud_inputs(spec["count"])
         ]
         blobs = [validate_input(model_spec, u, settings).blob for u in uploads]
-    mine = blobs[spec["index"] :: spec["processes"]]
     runner.warm_up()
-    for blob in blobs[: max(spec["batch"] + 1, len(SAMPLE_NAMES))]:
-        runner.run(blob)  # every decoder warm
+    for blob in blobs[:warm_inputs]:
+        runner.run(blob)
+    return runner, blobs
+
+
+def _limit_child(spec_json: str) -> None:
+    """One process of a candidate: load, warm up, say `ready`, wait for `go`, run its share, print the timings."""
+    spec = json.loads(spec_json)
+    runner, blobs = _warm_runner(spec, warm_inputs=max(spec["batch"] + 1, len(SAMPLE_NAMES)))
+    mine = blobs[spec["index"] :: spec["processes"]]
     print("ready", flush=True)
     sys.stdin.readline()
-    image = isinstance(model_spec.input, ImageInput)
+    image = isinstance(runner.spec.input, ImageInput)
     latencies_s = []
     started = time.monotonic()
     for start in range(0, len(mine), spec["batch"]):
@@ -282,15 +289,7 @@ def measure_limit(model: str, counts: Counts, usable: int, samples_dir: Path, tm
 def _reference_child(spec_json: str) -> None:
     """The in-process reference at low load: one process at the best single-image thread count; for each index read
     from stdin, decode and run that image alone and print the seconds it took."""
-    spec = json.loads(spec_json)
-    torch.set_num_threads(spec["threads"])
-    settings = Settings()
-    runner = load_runner(load_registry(settings.registry_path).get_model("chest-xray"), settings, torch.device("cpu"))
-    samples = [Path(spec["samples_dir"]) / name for name in SAMPLE_NAMES]
-    blobs = [data for _, data in _xray_inputs(samples, spec["count"])]
-    runner.warm_up()
-    for blob in blobs[: len(SAMPLE_NAMES)]:
-        runner.run(blob)  # every decoder warm
+    runner, blobs = _warm_runner({**json.loads(spec_json), "model": "chest-xray"}, warm_inputs=len(SAMPLE_NAMES))
     print("ready", flush=True)
     for line in sys.stdin:
         blob = blobs[int(line) % len(blobs)]
