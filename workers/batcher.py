@@ -130,7 +130,7 @@ class DynamicBatcher:
         self._row_s: float | None = None  # compute seconds per row, as measured here
         self._urgent_waiting = urgent_waiting
         self._cores = cores
-        # The node's one thread for torch (workers.compute): passes run there, not in this thread, where given.
+        # The node's one thread for torch (workers.compute): batches are gated and run there, not in this thread.
         self._compute_thread = compute_thread
         self._items: list[_Item] = []
         self._arriving: Counter[int] = Counter()  # jobs claimed here and still decoding, by priority rank
@@ -282,6 +282,15 @@ class DynamicBatcher:
         return batch
 
     def _run(self, batch: list[_Item]) -> None:
+        """Gate and compute `batch` on the compute thread, where there is one. Gating there too keeps a job from
+        being marked computing while it waits behind another model's pass: should that pass kill the process, the
+        job would be blamed for it."""
+        if self._compute_thread is None:
+            self._run_here(batch)
+        else:
+            self._compute_thread.submit(self._run_here, batch).result()
+
+    def _run_here(self, batch: list[_Item]) -> None:
         try:
             owned = self._gate([(item.job_id, item.token) for item in batch])
         except Exception as e:  # the job store is unreachable: every attempt fails over to its retry path
@@ -300,10 +309,7 @@ class DynamicBatcher:
     def _compute(self, batch: list[_Item]) -> None:
         rows = np.concatenate([item.rows for item in batch])
         try:
-            if self._compute_thread is None:
-                outputs, elapsed_s, lent = self._pass(rows, len(batch))
-            else:
-                outputs, elapsed_s, lent = self._compute_thread.submit(self._pass, rows, len(batch)).result()
+            outputs, elapsed_s, lent = self._pass(rows, len(batch))
         except Exception as e:
             if len(batch) == 1:
                 batch[0].future.set_exception(e)

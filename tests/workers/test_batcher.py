@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -405,3 +406,41 @@ def test_a_model_with_millisecond_batches_never_holds_one_for_an_urgent_job(stor
     batcher.stop()
     # Then it runs at once: a hold would cost it more than the batch could cost the STAT job
     assert time.monotonic() - started_s < 0.04
+
+
+def test_a_job_is_marked_computing_only_once_the_compute_thread_is_free(fraud: ModelRunner, stores: Stores) -> None:
+    # Two models of one node share its compute thread. While one model's pass runs, the other model's job must not
+    # be marked computing: should that pass kill the process, the waiting job would be blamed for it.
+    compute = ThreadPoolExecutor(max_workers=1)
+    started, release = threading.Event(), threading.Event()
+
+    def held_infer(batch: np.ndarray) -> np.ndarray:
+        started.set()
+        release.wait(timeout=30)
+        return fraud.infer(batch)
+
+    def batcher(name: str, run_batch: Callable[[np.ndarray], np.ndarray]) -> DynamicBatcher:
+        return DynamicBatcher(
+            name=name,
+            run_batch=run_batch,
+            gate=stores.jobs.begin,
+            max_batch_size=8,
+            batch_wait_ms=0,
+            compute_thread=compute,
+        )
+
+    slow, quick = batcher("slow", held_infer), batcher("quick", fraud.infer)
+    [(held_id, held_token), (job_id, token)] = _claimed(stores.jobs, 2)
+    x = np.zeros((1, 30), dtype=np.float32)
+    held = slow.submit(held_id, held_token, x)
+    assert started.wait(timeout=30)
+    waiting = quick.submit(job_id, token, x)
+    time.sleep(0.5)
+    assert "computing_at" not in stores.jobs.fields(job_id)
+    assert "computing_at" in stores.jobs.fields(held_id)
+    release.set()
+    assert waiting.result(timeout=30).batch_jobs == 1 and held.result(timeout=30).batch_jobs == 1
+    assert "computing_at" in stores.jobs.fields(job_id)
+    slow.stop()
+    quick.stop()
+    compute.shutdown()
