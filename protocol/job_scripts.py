@@ -20,6 +20,7 @@ from inferq.protocol.keys import (
     job_key,
     leases_key,
     model_waiting_key,
+    pass_key,
     published_key,
     queued_key,
     retries_key,
@@ -51,6 +52,11 @@ local function field(name)
   return v
 end
 local function blob_key() return '{PREFIX}:blob:' .. field('blob_ref') end
+-- The last forward pass begun by the process that runs the current attempt (keys.pass_key).
+local function pass_key()
+  local node, pid = redis.call('HGET', J, 'worker') or '', redis.call('HGET', J, 'worker_pid') or ''
+  return '{pass_key("", "")[:-2]}:' .. node .. ':' .. pid
+end
 local function num(field) return tonumber(redis.call('HGET', J, field) or '0') or 0 end
 -- A record written without its model's limit (an older version, a tool) gets the registry's default.
 local function max_attempts() local m = num('max_attempts') if m > 0 then return m end return {DEFAULT_MAX_ATTEMPTS} end
@@ -117,6 +123,10 @@ end
 -- bystander. Both are spared the attempt, at most max_attempts times, so that a crash loop still ends.
 local function lose_attempt()
   local computing = redis.call('HEXISTS', J, 'computing_at') == 1
+  if computing then  -- its process began another pass since: this job's own had ended, unrecorded
+    local last = redis.call('GET', pass_key())
+    computing = not last or last == redis.call('HGET', J, 'computing_pass')
+  end
   local alone = computing and num('computing_with') <= 1
   if computing and not alone then redis.call('HSET', J, 'suspect', 1) end
   if not alone and num('spared') < max_attempts() then
@@ -129,7 +139,7 @@ local function out_of_attempts() return num('attempts') - num('handoffs') - num(
 -- Put a job back in the queue after a failed attempt; the reconciler publishes it once the backoff ends.
 local function requeue(backoff_s, err)
   redis.call('HSET', J, 'status', 'queued', 'retry_at', now + backoff_s, 'last_error', err)
-  redis.call('HDEL', J, 'lease_until', 'computing_at', 'computing_with')
+  redis.call('HDEL', J, 'lease_until', 'computing_at', 'computing_with', 'computing_pass')
   redis.call('ZREM', LEASES, ID)
   redis.call('ZADD', RETRIES, now + backoff_s, ID)
   redis.call('ZADD', QUEUED, num('expires_at'), ID)
@@ -198,7 +208,7 @@ local token = redis.call('HINCRBY', J, 'attempts', 1)
 local lease_until = now + tonumber(ARGV[4])
 redis.call('HSET', J, 'status', 'running', 'started_at', now, 'lease_until', lease_until,
   'worker', ARGV[2], 'worker_pid', ARGV[3])
-redis.call('HDEL', J, 'computing_at', 'computing_with', 'retry_at')
+redis.call('HDEL', J, 'computing_at', 'computing_with', 'computing_pass', 'retry_at')
 redis.call('EXPIRE', J, ARGV[6])
 redis.call('ZADD', LEASES, lease_until, ID)
 redis.call('ZREM', QUEUED, ID)
@@ -218,15 +228,16 @@ if not status then return 'missing' end
 if status ~= 'running' or redis.call('HGET', J, 'attempts') ~= ARGV[2] then return 'fenced' end
 """
 
-# ARGV: id, token, expired error, keep ttl, callback grace, jobs in the batch. Marks the attempt as computing: from
-# here on it can no longer be cancelled. A job whose queue deadline passed while it waited in the worker's batcher
-# expires instead.
+# ARGV: id, token, expired error, keep ttl, callback grace, jobs in the batch, pass id. Marks the attempt as computing:
+# from here on it can no longer be cancelled. A job whose queue deadline passed while it waited in the worker's batcher
+# expires instead. The pass id becomes its process's last pass (keys.pass_key).
 BEGIN = f"""{_PRELUDE}{_FENCE}
 if now > num('expires_at') then
   finalize('expired', '', ARGV[3], ARGV[4], false, ARGV[5])
   return 'expired'
 end
-redis.call('HSET', J, 'computing_at', now, 'computing_with', ARGV[6])
+redis.call('HSET', J, 'computing_at', now, 'computing_with', ARGV[6], 'computing_pass', ARGV[7])
+redis.call('SET', pass_key(), ARGV[7], 'EX', ARGV[4])
 return 'ok'
 """
 
@@ -361,7 +372,7 @@ return 'discarded'
 HANDOFF = f"""{_PRELUDE}{_FENCE}
 redis.call('HSET', J, 'status', 'queued', 'tensor_ref', ARGV[3], 'image_info', ARGV[4])
 redis.call('HINCRBY', J, 'handoffs', 1)
-redis.call('HDEL', J, 'lease_until', 'computing_at')
+redis.call('HDEL', J, 'lease_until', 'computing_at', 'computing_pass')
 redis.call('ZREM', LEASES, ID)
 redis.call('ZADD', QUEUED, num('expires_at') + 0, ID)
 redis.call('ZADD', PUBLISHED, now, ID)

@@ -343,9 +343,12 @@ class JobStore:
         job passed its queue deadline while it waited for a batch (it ends `expired`, without compute)."""
         pipe = self._redis.pipeline(transaction=False)
         expired = json.dumps(EXPIRED_ERROR)
+        pass_id = uuid.uuid4().hex
         for job_id, token in leases:
-            # The batch size tells, should the process die now, whether the death proves this job guilty (run alone).
-            self._run("BEGIN", job_id, token, expired, self.keep_ttl_s, CALLBACK_GRACE_S, len(leases), client=pipe)
+            # Should the process die now, the batch size tells whether the death proves this job guilty (run alone),
+            # and the pass id whether its pass was still the process's last one.
+            args = (expired, self.keep_ttl_s, CALLBACK_GRACE_S, len(leases), pass_id)
+            self._run("BEGIN", job_id, token, *args, client=pipe)
         return [reply == "ok" for reply in self.execute(pipe)]
 
     def renew(self, leases: list[tuple[str, int]], *, lease_s: float) -> list[bool]:

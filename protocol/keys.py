@@ -122,6 +122,12 @@ def consumers_key(queue: str) -> str:
     return f"{PREFIX}:consumers:{queue}"
 
 
+def pass_key(node: str, pid: str) -> str:
+    """The forward pass a worker process began last (an id per batch): a job whose own pass was followed by another
+    had finished computing when its process died, so that death is not its fault."""
+    return f"{PREFIX}:pass:{node}:{pid}"
+
+
 def reconciler_lock_key() -> str:
     return f"{PREFIX}:reconciler:lock"
 

@@ -341,3 +341,18 @@ def test_an_urgent_job_gone_expired_or_backing_off_is_nothing_to_wait_for(stores
     assert stores.jobs.release(retrying, claim.token, backoff_s=30, error={"code": "x"}) == "ok"
     assert stores.jobs.view(retrying)["status"] == "queued"
     assert not stores.jobs.more_urgent_waiting(model, 2)
+
+
+def test_a_job_whose_pass_ended_before_its_process_died_is_spared(store: JobStore, stores: Stores) -> None:
+    # Given a job computed alone whose process began another pass before the job was recorded
+    job_id, next_id = _create(stores, max_attempts=1), _create(stores)
+    claim = _claim(store, job_id, lease_s=0.2)
+    assert store.begin([(job_id, claim.token)]) == [True]
+    assert store.begin([(next_id, _claim(store, next_id, lease_s=0.2).token)]) == [True]
+    # When that process dies, the death is the later pass's: the first job is spared, the second is charged
+    time.sleep(0.3)
+    assert store.recover(job_id, backoff_s=0) == "requeued"
+    assert store.recover(next_id, backoff_s=0) == "requeued"
+    claim = _claim(store, job_id)
+    assert claim.claimed and claim.lost == 0
+    assert _claim(store, next_id).lost == 1
