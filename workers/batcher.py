@@ -214,7 +214,8 @@ class DynamicBatcher:
                 self._cond.wait()
             self._gather()
             rank = min(item.priority for item in self._items)
-        if rank > 0 and self._batches_outlast_a_hold() and self._more_urgent_waiting(rank):  # a round trip: unlocked
+            worth_a_probe = rank > 0 and self._batch_outlasts_a_hold(rank)
+        if worth_a_probe and self._more_urgent_waiting(rank):  # a round trip: unlocked
             with self._cond:
                 self._await_more_urgent(rank)
         with self._cond:
@@ -236,10 +237,14 @@ class DynamicBatcher:
                 return
             self._cond.wait(timeout=remaining_s)
 
-    def _batches_outlast_a_hold(self) -> bool:
-        """Holding a batch back for an urgent job pays only where the batch would delay it longer than the hold
-        does: not for a model whose batches take milliseconds (a GPU, a small model), which then never probes."""
-        return self._row_s is not None and self._row_s * self.row_cap() > URGENT_CLAIM_WAIT_S
+    def _batch_outlasts_a_hold(self, rank: int) -> bool:
+        """Holding the next batch (class `rank`) back for an urgent job pays only where that batch would delay it
+        longer than the hold does: not where it takes milliseconds (a GPU, a small model, a few rows), which then
+        costs no probe. Called under the lock."""
+        if self._row_s is None:
+            return False
+        rows = min(self.row_cap(), sum(len(item.rows) for item in self._items if item.priority == rank))
+        return self._row_s * rows > URGENT_CLAIM_WAIT_S
 
     def _more_urgent_waiting(self, rank: int) -> bool:
         if self._urgent_waiting is None:

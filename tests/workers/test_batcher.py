@@ -408,6 +408,34 @@ def test_a_model_with_millisecond_batches_never_holds_one_for_an_urgent_job(stor
     assert time.monotonic() - started_s < 0.04
 
 
+def test_a_batch_of_a_few_quick_rows_costs_no_probe(stores: Stores) -> None:
+    # Given a model whose full batches would outlast the hold (8 rows of 20 ms) but a lone routine job (20 ms)
+    probes: list[int] = []
+
+    def probe(rank: int) -> bool:
+        probes.append(rank)
+        return True
+
+    batcher = DynamicBatcher(
+        name="m",
+        run_batch=lambda batch: (time.sleep(0.02 * len(batch)), batch[:, :1].copy())[1],
+        gate=stores.jobs.begin,
+        max_batch_size=8,
+        batch_wait_ms=0,
+        urgent_waiting=probe,
+    )
+    first, second, third = _claimed(stores.jobs, 3)
+    batcher.submit(*first, np.zeros((1, 30), dtype=np.float32)).result(timeout=30)  # measures the row cost
+    # When it runs alone, no round trip asks for urgent jobs: the batch would delay one less than a hold
+    batcher.submit(*second, np.zeros((1, 30), dtype=np.float32)).result(timeout=30)
+    assert probes == []
+    # Then three rows waiting at once (60 ms) are worth the probe
+    batcher.expect(count=1)
+    batcher.submit_many([Submission(*third, np.zeros((3, 30), dtype=np.float32))])[0].result(timeout=30)
+    batcher.stop()
+    assert probes == [2]
+
+
 def test_a_job_is_marked_computing_only_once_the_compute_thread_is_free(fraud: ModelRunner, stores: Stores) -> None:
     # Two models of one node share its compute thread. While one model's pass runs, the other model's job must not
     # be marked computing: should that pass kill the process, the waiting job would be blamed for it.
