@@ -413,3 +413,33 @@ for _, id in ipairs(ids) do
 end
 return removed
 """
+
+
+def _many(script: str) -> str:
+    """`script` run for many jobs in one call, each as if alone (a pipeline of single calls costs Redis a script
+    setup per job: about a third of what a bulk job costs it). KEYS: each job's keys in turn, ARGV[1] of them per
+    job; then, per job, how many arguments it has and those arguments. Returns each job's reply, in order. The jobs
+    share one clock reading."""
+    body = script.removeprefix(_PRELUDE)
+    return f"""{_PRELUDE}
+local function one(KEYS, ARGV)
+  J, ID, fixed = KEYS[1], ARGV[1], {{}}
+{body}
+end
+local per_job, replies, at = tonumber(ARGV[1]), {{}}, 2
+for i = 1, #KEYS / per_job do
+  local n = tonumber(ARGV[at])
+  local reply = one({{unpack(KEYS, (i - 1) * per_job + 1, i * per_job)}}, {{unpack(ARGV, at + 1, at + n)}})
+  if reply == nil then reply = false end
+  replies[i] = reply
+  at = at + n + 1
+end
+return replies
+"""
+
+
+CREATE_MANY = _many(CREATE)
+CLAIM_MANY = _many(CLAIM)
+BEGIN_MANY = _many(BEGIN)
+RENEW_MANY = _many(RENEW)
+FINISH_MANY = _many(FINISH)

@@ -69,6 +69,14 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+# Jobs per call of a script's many-jobs form: a call holds Redis for about 3 ms.
+_MANY_PER_CALL = 100
+
+
+def _text(reply: Any) -> str:
+    return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+
 def _iso(epoch_s: str | None) -> str | None:
     if not epoch_s:
         return None
@@ -140,7 +148,7 @@ class JobStore:
             for name in (
                 "CREATE", "CLAIM", "BEGIN", "RENEW", "FINISH", "RELEASE", "RECOVER", "CANCEL", "EXPIRE",
                 "REQUEUE_DEAD", "CALLBACK_TAKE", "CALLBACK_DONE", "DISCARD", "HANDOFF", "URGENT_WAITING",
-                "SWEEP_WAITING",
+                "SWEEP_WAITING", "CREATE_MANY", "CLAIM_MANY", "BEGIN_MANY", "RENEW_MANY", "FINISH_MANY",
             )
         }  # fmt: skip
 
@@ -155,6 +163,26 @@ class JobStore:
         if client is None:
             return script(keys=keys, args=[job_id, *args])
         return client.evalsha(script.sha, len(keys), *keys, job_id, *args)
+
+    def _run_many(self, name: str, calls: Sequence[tuple[list[str], list[Any]]], *, client: Any) -> int:
+        """Queue the script `name`'s many-jobs form (job_scripts._many) on the pipeline `client` for `calls`, each
+        a job's keys and arguments (its id first), `_MANY_PER_CALL` jobs per call so that none holds Redis for
+        long; returns how many calls were queued. `replies_of` flattens their replies."""
+        script, queued = self._scripts[f"{name}_MANY"], 0
+        for start in range(0, len(calls), _MANY_PER_CALL):
+            chunk = calls[start : start + _MANY_PER_CALL]
+            keys = [key for job_keys, _ in chunk for key in job_keys]
+            args: list[Any] = [len(chunk[0][0])]
+            for _, job_args in chunk:
+                args += [len(job_args), *job_args]
+            client.evalsha(script.sha, len(keys), *keys, *args)
+            queued += 1
+        return queued
+
+    @staticmethod
+    def replies_of(many: Sequence[Any]) -> list[Any]:
+        """The per-job replies of calls queued by `_run_many`, in order."""
+        return [reply for call in many for reply in call]
 
     def execute(self, pipe: Any) -> list[Any]:
         """Execute a pipeline holding scripts queued by `_run`; raises the first error reply, as `execute()` does.
@@ -194,10 +222,10 @@ class JobStore:
         with_blobs = [job for job in jobs if job.blob is not None]
         for job in with_blobs:
             pipe.set(blob_key(job.fields["blob_ref"]), job.blob, ex=blob_ttl_s)  # type: ignore[arg-type]
-        for job in jobs:
-            keys, args = self._create_args(job.job_id, job.fields, job.idempotency, job.queue_s)
-            pipe.evalsha(self._scripts["CREATE"].sha, len(keys), *keys, *args)
-        stored = [str(job_id) for job_id in self.execute(pipe)[len(with_blobs) :]]
+        self._run_many(
+            "CREATE", [self._create_args(j.job_id, j.fields, j.idempotency, j.queue_s) for j in jobs], client=pipe
+        )
+        stored = [str(job_id) for job_id in self.replies_of(self.execute(pipe)[len(with_blobs) :])]
         pairs = zip(jobs, stored, strict=True)
         replayed = [blob_key(j.fields["blob_ref"]) for j, s in pairs if s != j.job_id and j.blob is not None]
         if replayed:
@@ -321,6 +349,12 @@ class JobStore:
         args = [node, pid, lease_s, json.dumps(EXPIRED_ERROR), self.keep_ttl_s, CALLBACK_GRACE_S]
         return self._run("CLAIM", job_id, *args, client=client)
 
+    def claim_all(self, job_ids: Sequence[str], *, node: str, pid: int, lease_s: float, client: Any) -> int:
+        """`claim` for many jobs, queued on the pipeline `client` in as few script calls as fit; returns how many
+        replies that adds, which `replies_of` turns into one `claim_result` reply per job."""
+        shared = [node, pid, lease_s, json.dumps(EXPIRED_ERROR), self.keep_ttl_s, CALLBACK_GRACE_S]
+        return self._run_many("CLAIM", [([job_key(job_id)], [job_id, *shared]) for job_id in job_ids], client=client)
+
     @staticmethod
     def claim_result(reply: Any) -> Claim:
         outcome, token, lost, *more = [item.decode() if isinstance(item, bytes) else item for item in reply]
@@ -343,20 +377,20 @@ class JobStore:
         job passed its queue deadline while it waited for a batch (it ends `expired`, without compute)."""
         pipe = self._redis.pipeline(transaction=False)
         expired = json.dumps(EXPIRED_ERROR)
-        pass_id = uuid.uuid4().hex
-        for job_id, token in leases:
-            # Should the process die now, the batch size tells whether the death proves this job guilty (run alone),
-            # and the pass id whether its pass was still the process's last one.
-            args = (expired, self.keep_ttl_s, CALLBACK_GRACE_S, len(leases), pass_id)
-            self._run("BEGIN", job_id, token, *args, client=pipe)
-        return [reply == "ok" for reply in self.execute(pipe)]
+        # Should the process die now, the batch size tells whether the death proves a job guilty (run alone), and
+        # the pass id whether its pass was still the process's last one.
+        shared = [expired, self.keep_ttl_s, CALLBACK_GRACE_S, len(leases), uuid.uuid4().hex]
+        calls = [([job_key(job_id)], [job_id, token, *shared]) for job_id, token in leases]
+        self._run_many("BEGIN", calls, client=pipe)
+        return [_text(reply) == "ok" for reply in self.replies_of(self.execute(pipe))]
 
     def renew(self, leases: list[tuple[str, int]], *, lease_s: float) -> list[bool]:
         """Extend the leases of live attempts in one round trip; False where the attempt no longer owns its job."""
         pipe = self._redis.pipeline(transaction=False)
-        for job_id, token in leases:
-            self._run("RENEW", job_id, token, lease_s, client=pipe)
-        return [reply == "ok" for reply in self.execute(pipe)]
+        self._run_many(
+            "RENEW", [([job_key(job_id)], [job_id, token, lease_s]) for job_id, token in leases], client=pipe
+        )
+        return [_text(reply) == "ok" for reply in self.replies_of(self.execute(pipe))]
 
     def finish(self, outcomes: list[Outcome]) -> list[str]:
         """Write the outcomes of live attempts in one round trip.
@@ -364,11 +398,13 @@ class JobStore:
         Each reply is 'ok', 'ok:callback' (a callback is now owed), 'fenced' (another attempt owns the job, or it
         was cancelled or timed out) or 'missing'."""
         pipe = self._redis.pipeline(transaction=False)
+        calls = []
         for o in outcomes:
             payloads = [json.dumps(o.result) if o.result is not None else "", json.dumps(o.error) if o.error else ""]
-            args = [o.token, o.status.value, *payloads, self.result_ttl_s, CALLBACK_GRACE_S, o.batch_size]
-            self._run("FINISH", o.job_id, *args, client=pipe)
-        return [str(reply) for reply in self.execute(pipe)]
+            args = [o.job_id, o.token, o.status.value, *payloads, self.result_ttl_s, CALLBACK_GRACE_S, o.batch_size]
+            calls.append(([job_key(o.job_id)], args))
+        self._run_many("FINISH", calls, client=pipe)
+        return [_text(reply) for reply in self.replies_of(self.execute(pipe))]
 
     def hand_off(self, job_id: str, token: int, *, tensor_ref: str, image_info: dict[str, Any] | None) -> str:
         """The decoding stage of the attempt `token` is done: 'ok', or 'fenced' if the attempt lost its job."""

@@ -133,12 +133,13 @@ class WorkerRuntime:
         """Claim jobs and fetch their uploads in one round trip: (job id, blob ref) in, (claim, upload) out."""
         if self._bytes is None:
             self._bytes = redis_client(self.settings.redis_url_or_default, decode=False)
-        pipe = self._bytes.pipeline(transaction=False)
-        for job_id, blob_ref in jobs:
-            self.stores.jobs.claim(job_id, node=self.node, pid=os.getpid(), lease_s=self.settings.lease_s, client=pipe)
-            pipe.get(blob_key(blob_ref))
-        replies = self.stores.jobs.execute(pipe)
-        return [(self.stores.jobs.claim_result(replies[i]), replies[i + 1]) for i in range(0, len(replies), 2)]
+        store, pipe = self.stores.jobs, self._bytes.pipeline(transaction=False)
+        ids = [job_id for job_id, _ in jobs]
+        calls = store.claim_all(ids, node=self.node, pid=os.getpid(), lease_s=self.settings.lease_s, client=pipe)
+        pipe.mget([blob_key(blob_ref) for _, blob_ref in jobs])
+        replies = store.execute(pipe)
+        claims = [store.claim_result(reply) for reply in store.replies_of(replies[:calls])]
+        return list(zip(claims, replies[calls], strict=True))
 
     def runner(self, model: str) -> ModelRunner:
         if model not in self._runners:

@@ -131,3 +131,32 @@ def test_discard_unsent_keeps_a_key_that_another_job_now_holds(stores: Stores) -
     stores.jobs.create(new, _fields(), idempotency="k")
     stores.jobs.discard_unsent(old, model="fraud", idempotency="k")
     assert stores.text.get(idempotency_key("fraud", "k")) == new
+
+
+def test_many_jobs_in_a_few_script_calls_each_behave_as_alone(stores: Stores) -> None:
+    # Given 250 jobs (three script calls of the many-jobs form), two sharing an idempotency key across a call
+    # boundary, and Redis having lost its scripts (a restart)
+    stores.text.script_flush()
+    jobs = [NewJob(job_id=new_job_id(), fields=_fields(f"b{i}"), blob=b"x") for i in range(250)]
+    jobs[99] = NewJob(job_id=jobs[99].job_id, fields=_fields("b99"), idempotency="tx-9", blob=b"x")
+    jobs[100] = NewJob(job_id=jobs[100].job_id, fields=_fields("b100"), idempotency="tx-9", blob=b"x")
+    stored = stores.jobs.create_many(jobs, blob_ttl_s=100)
+    assert stored[100] == jobs[99].job_id and stored[:100] + stored[101:] == [j.job_id for j in jobs if j != jobs[100]]
+    ids = [job_id for i, job_id in enumerate(stored) if i != 100]
+    # When they are claimed in one round trip, one of them cancelled first
+    stores.jobs.cancel(ids[150])
+    pipe = stores.text.pipeline(transaction=False)
+    calls = stores.jobs.claim_all(ids, node="n", pid=7, lease_s=30, client=pipe)
+    claims = [stores.jobs.claim_result(r) for r in stores.jobs.replies_of(stores.jobs.execute(pipe)[:calls])]
+    # Then each has its own reply, and begin and finish answer per job too
+    assert calls == 3 and [c.outcome for c in claims] == ["claimed"] * 150 + ["cancelled"] + ["claimed"] * 98
+    leases = [(job_id, claim.token) for job_id, claim in zip(ids, claims, strict=True)]
+    leases[3] = (ids[3], 99)  # an attempt that lost its job
+    assert stores.jobs.begin(leases) == [i not in (3, 150) for i in range(249)]
+    outcomes = [
+        Outcome(job_id, token, JobStatus.SUCCEEDED, result={"i": i}) for i, (job_id, token) in enumerate(leases)
+    ]
+    replies = stores.jobs.finish(outcomes)
+    assert replies == ["fenced" if i in (3, 150) else "ok" for i in range(249)]
+    assert stores.jobs.view(ids[200])["result"] == {"i": 200}
+    assert stores.jobs.view(ids[3])["status"] == "running"
