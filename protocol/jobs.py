@@ -16,6 +16,7 @@ attempt write the outcome. The reconciler (`producers.reconciler`) drives the ti
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import Sequence
@@ -77,6 +78,7 @@ def _text(reply: Any) -> str:
     return reply.decode() if isinstance(reply, bytes) else str(reply)
 
 
+@functools.lru_cache(maxsize=1024)  # the jobs moved by one script call share their timestamps (a bulk's hundreds)
 def _iso(epoch_s: str | None) -> str | None:
     if not epoch_s:
         return None
