@@ -13,6 +13,7 @@ import random
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -25,6 +26,8 @@ from inferq.protocol.errors import RemoteError
 
 FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "expired"})
 RETRYABLE_HTTP_STATUSES = frozenset({429, 503})
+# Bulk requests a client keeps on their way at once (`submit_many`).
+_BULK_REQUESTS_IN_FLIGHT = 4
 # The server caps one wait (`max_wait_s`, 60 s by default); longer waits are several requests.
 _LONGEST_POLL_S = 60.0
 # A server that answers a wait at once without a final job (an old one, without long-polling) is not hammered.
@@ -159,9 +162,12 @@ class InferqClient:
         priority: str | int | None = None,
         idempotency_keys: Sequence[str] | None = None,
         jobs_per_request: int = 100,
+        requests_in_flight: int = _BULK_REQUESTS_IN_FLIGHT,
     ) -> list[dict[str, Any]]:
         """Submit many jobs with few requests (bulk): `files` for image models or one `inputs` list per job for
-        tensor models. Returns one entry per job, in order: `{"job_id", "status", ...}` or `{"error": {...}}`."""
+        tensor models. Returns one entry per job, in order: `{"job_id", "status", ...}` or `{"error": {...}}`.
+        Up to `requests_in_flight` requests are sent at once, so that the server works on one while the next is
+        on its way (one at a time left cores idle: about a third fewer jobs per second)."""
         if (files is None) == (inputs is None):
             raise ValueError("give exactly one of files or inputs")
         count = len(files if files is not None else inputs)  # type: ignore[arg-type]
@@ -170,22 +176,28 @@ class InferqClient:
             raise ValueError(f"give one idempotency key per job: {len(keys)} keys for {count} jobs")
         options = {k: v for k, v in {"callback_url": callback_url, "priority": priority}.items() if v is not None}
         url = f"/v1/models/{model}/jobs/bulk"
-        entries: list[dict[str, Any]] = []
+        requests: list[dict[str, Any]] = []
         if inputs is not None:
             for start in range(0, count, jobs_per_request):
                 chunk = [
                     {"inputs": job_inputs, "idempotency_key": key, **options}
                     for job_inputs, key in zip(inputs[start : start + jobs_per_request], keys[start:], strict=False)
                 ]
-                entries += _json(self._request("POST", url, json={"jobs": chunk}))["jobs"]
-            return entries
-        loaded = [_file_bytes(f, None) for f in files]  # type: ignore[union-attr]
-        for start, stop in _file_chunks([len(data) for data, _ in loaded], jobs_per_request):
-            parts = [("file", (name, data, "application/octet-stream")) for data, name in loaded[start:stop]]
-            form: dict[str, Any] = {k: str(v) for k, v in options.items()}
-            form["idempotency_key"] = keys[start:stop]
-            entries += _json(self._request("POST", url, files=parts, data=form))["jobs"]
-        return entries
+                requests.append({"json": {"jobs": chunk}})
+        else:
+            loaded = [_file_bytes(f, None) for f in files]  # type: ignore[union-attr]
+            for start, stop in _file_chunks([len(data) for data, _ in loaded], jobs_per_request):
+                parts = [("file", (name, data, "application/octet-stream")) for data, name in loaded[start:stop]]
+                form: dict[str, Any] = {k: str(v) for k, v in options.items()}
+                form["idempotency_key"] = keys[start:stop]
+                requests.append({"files": parts, "data": form})
+
+        def send(request: dict[str, Any]) -> list[dict[str, Any]]:
+            return list(_json(self._request("POST", url, **request))["jobs"])
+
+        # httpx's Client may be shared between threads; map keeps the requests' order.
+        with ThreadPoolExecutor(max(1, min(requests_in_flight, len(requests)))) as pool:
+            return [entry for entries in pool.map(send, requests) for entry in entries]
 
     # --- reading and waiting
 

@@ -228,6 +228,19 @@ def test_the_client_submits_many_and_reads_them_back(stack: Stack) -> None:
     assert [e["status"] for e in images] == ["queued", "queued"]
 
 
+def test_requests_sent_at_once_keep_each_entry_in_its_jobs_place(stack: Stack) -> None:
+    # Given nine jobs of different sizes in five requests, four of them on their way at once
+    rows = [1, 2, 3, 4, 1, 2, 3, 4, 5]
+    with stack.client() as client:
+        entries = client.submit_many(
+            "fraud", inputs=[fraud_example(rows=r) for r in rows], jobs_per_request=2, requests_in_flight=4
+        )
+        jobs = client.results([e["job_id"] for e in entries], wait_s=_JOB_TIMEOUT_S)
+    # Then the entries come back in the order given: each job's output has its own input's rows
+    assert len({e["job_id"] for e in entries}) == 9
+    assert [j["result"]["outputs"][0]["shape"] for j in jobs] == [[r, 1] for r in rows]
+
+
 def test_cli_submit_of_a_folder_uses_one_bulk_request_and_waits(stack: Stack) -> None:
     folder = stack.tmp / "folder"
     folder.mkdir(exist_ok=True)
