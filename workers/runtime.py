@@ -131,6 +131,8 @@ class WorkerRuntime:
 
     def claim_many(self, jobs: list[tuple[str, str]]) -> list[tuple[Claim, bytes | None]]:
         """Claim jobs and fetch their uploads in one round trip: (job id, blob ref) in, (claim, upload) out."""
+        if not jobs:
+            return []
         if self._bytes is None:
             self._bytes = redis_client(self.settings.redis_url_or_default, decode=False)
         store, pipe = self.stores.jobs, self._bytes.pipeline(transaction=False)
