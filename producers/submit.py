@@ -23,7 +23,7 @@ from inferq.protocol.connections import Stores
 from inferq.protocol.errors import BackendUnavailable, ClientError, InferqError, InvalidRequest, QueueFull
 from inferq.protocol.fairness import publish_options
 from inferq.protocol.intake import FileUpload, TensorUpload, ValidatedInput, validate_input
-from inferq.protocol.jobs import JobStatus, NewJob, new_job_id
+from inferq.protocol.jobs import QUEUE_FULL, JobStatus, NewJob, new_job_id
 from inferq.protocol.keys import JOBS_HEADER, idempotency_token, many_task_name_for
 from inferq.protocol.priority import DEFAULT_PRIORITY, Priority, parse_priority
 from inferq.protocol.registry import ModelSpec, Registry
@@ -116,25 +116,15 @@ class JobSubmitter:
             except ClientError as e:
                 outcomes[index] = e
         try:
-            room = self._room(spec, len(valid))
-            for index, _ in valid[room:]:
-                outcomes[index] = QueueFull(f"the queue of {spec.name!r} is full; try again later")
-            prepared = [self._prepare(spec, i, v, items[i].options) for i, v in valid[:room]]
-            for p, outcome in zip(prepared, self._store_and_send(spec, prepared), strict=True):
-                outcomes[p.index] = outcome
+            prepared = [self._prepare(spec, i, v, items[i].options) for i, v in valid]
+            stored = self._store_and_send(spec, prepared) if prepared else []
         except (redis.RedisError, OperationalError) as e:
             raise BackendUnavailable("the job store or broker is unavailable; try again") from e
-        return [o for o in outcomes if o is not None]
-
-    def _room(self, spec: ModelSpec, wanted: int) -> int:
-        """How many of `wanted` jobs the queue takes; `QueueFull` when none. Concurrent submissions may overshoot
-        the limit by a few: the check and the publish are not one atomic step."""
-        if not spec.max_queue_depth or wanted == 0:
-            return wanted
-        room = spec.max_queue_depth - self.queue_depths([spec.name])[spec.name]
-        if room <= 0:
+        if stored and all(isinstance(outcome, QueueFull) for outcome in stored):
             raise QueueFull(f"the queue of {spec.name!r} holds {spec.max_queue_depth} jobs or more; try again later")
-        return min(room, wanted)
+        for p, outcome in zip(prepared, stored, strict=True):
+            outcomes[p.index] = outcome
+        return [o for o in outcomes if o is not None]
 
     def _prepare(self, spec: ModelSpec, index: int, validated: ValidatedInput, options: SubmitOptions) -> _Prepared:
         fields = {
@@ -163,14 +153,19 @@ class JobSubmitter:
     def _store_and_send(self, spec: ModelSpec, prepared: list[_Prepared]) -> list[Outcome]:
         jobs = [p.job for p in prepared]
         keep_ttl_s = self._settings.queued_ttl_s + self._settings.result_ttl_s
-        stored_ids = self._stores.jobs.create_many(jobs, blob_ttl_s=keep_ttl_s)
-        replays = {s for job, s in zip(jobs, stored_ids, strict=True) if s != job.job_id}
+        # The model's queue depth is checked as each record is created: a job past it is refused on its own.
+        stored_ids = self._stores.jobs.create_many(
+            jobs, blob_ttl_s=keep_ttl_s, max_queue_depth=spec.max_queue_depth or 0
+        )
+        replays = {s for job, s in zip(jobs, stored_ids, strict=True) if s not in (job.job_id, QUEUE_FULL)}
         replay_views = dict(zip(replays, self._stores.jobs.views(list(replays)), strict=True)) if replays else {}
         fresh = [job for job, s in zip(jobs, stored_ids, strict=True) if s == job.job_id]
         sent = self._send_all(spec, fresh)
         outcomes: list[Outcome] = []
         for job, stored_id in zip(jobs, stored_ids, strict=True):
-            if stored_id in replay_views:
+            if stored_id == QUEUE_FULL:
+                outcomes.append(QueueFull(f"the queue of {spec.name!r} is full; try again later"))
+            elif stored_id in replay_views:
                 view = replay_views[stored_id]
                 status = view["status"] if view else JobStatus.QUEUED.value
                 outcomes.append(Receipt(job_id=stored_id, status=status, replayed=True))

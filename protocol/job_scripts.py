@@ -32,6 +32,8 @@ from inferq.protocol.keys import (
 from inferq.protocol.priority import Priority
 
 DEFAULT_MAX_ATTEMPTS = 3
+# CREATE's reply for a job refused because its model's queue is full (job ids are hex).
+QUEUE_FULL = "!queue-full"
 # Failed jobs per model per minute are kept this long for `inferq status`.
 FAILURES_KEEP_S = 3600
 _STATS_PREFIX = stats_key("")
@@ -158,16 +160,20 @@ local function dead_letter(last_error, keep_ttl, grace)
 end
 """
 
-# KEYS: job, idempotency key (or the job key again). ARGV: id, queue deadline offset s, keep ttl, field pairs...
+# KEYS: job, idempotency key (or the job key again), the model's waiting set. ARGV: id, queue deadline offset s, keep
+# ttl, the model's max queue depth (0: none), field pairs... Returns the id stored: this one, the live job already
+# stored under the idempotency key (a replay is never refused), or QUEUE_FULL when the model's waiting jobs number
+# max queue depth or more: checked here, in the same step as the job is added, so that concurrent submissions
+# cannot overshoot the limit.
 CREATE = f"""{_PRELUDE}
-if KEYS[2] ~= J then
-  local existing = redis.call('GET', KEYS[2])
-  if existing and redis.call('EXISTS', '{PREFIX}:job:' .. existing) == 1 then return existing end
-  redis.call('SET', KEYS[2], ID, 'EX', ARGV[3])
-end
+local replay = KEYS[2] ~= J and redis.call('GET', KEYS[2])
+if replay and redis.call('EXISTS', '{PREFIX}:job:' .. replay) == 1 then return replay end
+local max_depth = tonumber(ARGV[4])
+if max_depth > 0 and redis.call('ZCARD', KEYS[3]) >= max_depth then return '{QUEUE_FULL}' end
+if KEYS[2] ~= J then redis.call('SET', KEYS[2], ID, 'EX', ARGV[3]) end
 local expires_at = now + tonumber(ARGV[2])
 redis.call('HSET', J, 'submitted_at', now, 'expires_at', expires_at, 'status', 'queued', 'attempts', 0,
-  unpack(ARGV, 4))
+  unpack(ARGV, 5))
 redis.call('EXPIRE', J, ARGV[3])
 redis.call('ZADD', QUEUED, expires_at, ID)
 redis.call('ZADD', PUBLISHED, now, ID)

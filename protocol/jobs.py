@@ -70,6 +70,8 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+# What `create_many` stores in place of an id for a job refused because its model's queue was full.
+QUEUE_FULL = job_scripts.QUEUE_FULL
 # Jobs per call of a script's many-jobs form: a call holds Redis for about 3 ms.
 _MANY_PER_CALL = 100
 
@@ -214,35 +216,36 @@ class JobStore:
         """Store a queued job; returns its id, or the id of the live job already stored under the idempotency key.
 
         `queue_s` shortens the queue deadline below `queued_ttl_s` (a job's own `deadline_s`)."""
-        keys, args = self._create_args(job_id, fields, idempotency, queue_s)
+        keys, args = self._create_args(job_id, fields, idempotency, queue_s, max_queue_depth=0)
         return str(self._scripts["CREATE"](keys=keys, args=args))
 
-    def create_many(self, jobs: Sequence[NewJob], *, blob_ttl_s: int) -> list[str]:
+    def create_many(self, jobs: Sequence[NewJob], *, blob_ttl_s: int, max_queue_depth: int = 0) -> list[str]:
         """Store the blobs and queued records of many jobs in one pipeline, with the same script as `create`;
-        returns each job's stored id in order (another job's id where its idempotency key was already used)."""
+        returns each job's stored id in order: another job's id where its idempotency key was already used, or
+        `QUEUE_FULL` where its model already had `max_queue_depth` jobs waiting (0: no limit)."""
         pipe = self._redis.pipeline(transaction=False)
         with_blobs = [job for job in jobs if job.blob is not None]
         for job in with_blobs:
             pipe.set(blob_key(job.fields["blob_ref"]), job.blob, ex=blob_ttl_s)  # type: ignore[arg-type]
-        self._run_many(
-            "CREATE", [self._create_args(j.job_id, j.fields, j.idempotency, j.queue_s) for j in jobs], client=pipe
-        )
+        calls = [self._create_args(j.job_id, j.fields, j.idempotency, j.queue_s, max_queue_depth) for j in jobs]
+        self._run_many("CREATE", calls, client=pipe)
         stored = [str(job_id) for job_id in self.replies_of(self.execute(pipe)[len(with_blobs) :])]
         pairs = zip(jobs, stored, strict=True)
-        replayed = [blob_key(j.fields["blob_ref"]) for j, s in pairs if s != j.job_id and j.blob is not None]
-        if replayed:
-            self._redis.delete(*replayed)
+        spare = [blob_key(j.fields["blob_ref"]) for j, s in pairs if s != j.job_id and j.blob is not None]
+        if spare:  # replayed or refused: their uploads are not needed
+            self._redis.delete(*spare)
         return stored
 
     def _create_args(
-        self, job_id: str, fields: dict[str, str], idempotency: str | None, queue_s: float | None
+        self, job_id: str, fields: dict[str, str], idempotency: str | None, queue_s: float | None, max_queue_depth: int
     ) -> tuple[list[str], list[Any]]:
         idem = idempotency_key(fields["model"], idempotency) if idempotency else job_key(job_id)
         deadline_s = min(self.queued_ttl_s, queue_s) if queue_s else self.queued_ttl_s
         flat: list[str] = []
         for name, value in fields.items():
             flat += [name, value]
-        return [job_key(job_id), idem], [job_id, deadline_s, self.keep_ttl_s, *flat]
+        keys = [job_key(job_id), idem, model_waiting_key(fields["model"])]
+        return keys, [job_id, deadline_s, self.keep_ttl_s, max_queue_depth, *flat]
 
     def discard_unsent(self, job_id: str, *, model: str, idempotency: str | None) -> str:
         """Remove a job whose message never reached the broker: record, idempotency entry (if still ours) and

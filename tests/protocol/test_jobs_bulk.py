@@ -5,13 +5,15 @@ removed. Against a real Redis."""
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
 
 from inferq.protocol.connections import Stores, open_stores
-from inferq.protocol.jobs import JobStatus, NewJob, Outcome, new_job_id
+from inferq.protocol.jobs import QUEUE_FULL, JobStatus, NewJob, Outcome, new_job_id
 from inferq.protocol.keys import blob_key, done_channel, idempotency_key, job_key
 
 
@@ -160,3 +162,24 @@ def test_many_jobs_in_a_few_script_calls_each_behave_as_alone(stores: Stores) ->
     assert replies == ["fenced" if i in (3, 150) else "ok" for i in range(249)]
     assert stores.jobs.view(ids[200])["result"] == {"i": 200}
     assert stores.jobs.view(ids[3])["status"] == "running"
+
+
+def test_concurrent_submissions_never_fill_a_queue_past_its_depth(redis_url: str) -> None:
+    # Given four submitters racing to put 10 jobs each into a queue with room for 12
+    def submit(_: int) -> list[str]:
+        stores = open_stores(redis_url, queued_ttl_s=3600, result_ttl_s=60)
+        jobs = [NewJob(job_id=new_job_id(), fields=_fields(f"race-{uuid.uuid4().hex}"), blob=b"x") for _ in range(10)]
+        try:
+            return [s for job in jobs for s in stores.jobs.create_many([job], blob_ttl_s=100, max_queue_depth=12)]
+        finally:
+            stores.text.close()
+
+    with ThreadPoolExecutor(4) as pool:
+        stored = [s for part in pool.map(submit, range(4)) for s in part]
+    # Then exactly 12 are queued; the rest are refused and leave no upload behind
+    accepted = [s for s in stored if s != QUEUE_FULL]
+    assert len(accepted) == 12 and stored.count(QUEUE_FULL) == 28
+    stores = open_stores(redis_url, queued_ttl_s=3600, result_ttl_s=60)
+    assert stores.jobs.model_queue_depths(["fraud"]) == {"fraud": 12}
+    assert len(list(stores.text.scan_iter(blob_key("race-*")))) == 12
+    stores.text.close()
