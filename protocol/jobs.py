@@ -147,12 +147,14 @@ class JobStore:
         # A record outlives its queue expiry, so a client can still read `expired` for a full result TTL.
         self.keep_ttl_s = queued_ttl_s + result_ttl_s
         self.result_ttl_s = result_ttl_s
+        # BEGIN, RENEW and FINISH run only in their many-jobs form (batches, leases and outcomes come in lists);
+        # CREATE and CLAIM also alone, for `create` and `claim`.
         self._scripts = {
             name: redis_client.register_script(getattr(job_scripts, name))
             for name in (
-                "CREATE", "CLAIM", "BEGIN", "RENEW", "FINISH", "RELEASE", "RECOVER", "CANCEL", "EXPIRE",
-                "REQUEUE_DEAD", "CALLBACK_TAKE", "CALLBACK_DONE", "DISCARD", "HANDOFF", "URGENT_WAITING",
-                "SWEEP_WAITING", "CREATE_MANY", "CLAIM_MANY", "BEGIN_MANY", "RENEW_MANY", "FINISH_MANY",
+                "CREATE", "CLAIM", "RELEASE", "RECOVER", "CANCEL", "EXPIRE", "REQUEUE_DEAD", "CALLBACK_TAKE",
+                "CALLBACK_DONE", "DISCARD", "HANDOFF", "URGENT_WAITING", "SWEEP_WAITING",
+                "CREATE_MANY", "CLAIM_MANY", "BEGIN_MANY", "RENEW_MANY", "FINISH_MANY",
             )
         }  # fmt: skip
 
@@ -189,8 +191,9 @@ class JobStore:
         return [reply for call in many for reply in call]
 
     def execute(self, pipe: Any) -> list[Any]:
-        """Execute a pipeline holding scripts queued by `_run`; raises the first error reply, as `execute()` does.
-        A script Redis had lost runs after the pipeline's other commands: queue none that depends on a script."""
+        """Execute a pipeline holding scripts queued by `_run` or `_run_many`; raises the first error reply, as
+        `execute()` does. A script Redis had lost runs after the pipeline's other commands: queue none that depends
+        on a script."""
         stack = list(pipe.command_stack)
         replies = list(pipe.execute(raise_on_error=False))
         unloaded = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
