@@ -1,6 +1,7 @@
-"""Where the milliseconds of one job go, end to end: a `fraud` job at low load, through HTTP, Redis and a worker.
+"""Where the milliseconds of one job go, end to end: a job at low load, through HTTP, Redis and a worker.
 
-Starts a private Redis, `inferq api` and `inferq worker --pool cpu --models fraud` (its defaults), warms them
+Starts a private Redis, `inferq api` and `inferq worker --pool cpu --models MODEL` (its defaults; `fraud` unless
+`--model chest-xray`, whose jobs cycle through the demo's sample uploads), warms them
 up, then runs jobs one after another as a user does (`submit`, then `result(job_id, wait_s=...)`), twice: timed,
 then under MONITOR (which slows Redis down), and prints:
 
@@ -13,12 +14,13 @@ then under MONITOR (which slows Redis down), and prints:
   broker polling). MONITOR sees commands, not round trips: a pipeline of five commands is one round trip here
   counted as five; a Lua script is one command from its client, and the calls it makes appear as `lua`.
 
-    .venv/bin/python scripts/profile_job.py [--jobs 200] [--idle-s 5]
+    .venv/bin/python scripts/profile_job.py [--model fraud|chest-xray] [--jobs 200] [--idle-s 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import signal
@@ -49,17 +51,17 @@ from inferq.producers.api_keys import ApiKeyStore
 from inferq.producers.client import InferqClient
 from inferq.producers.demo import fraud_example
 from inferq.producers.redis_server import EmbeddedRedis, free_port
+from inferq.producers.samples import write_samples
 from inferq.producers.stack import ServiceStack
 from inferq.protocol.codec import TensorPayload
 from inferq.protocol.connections import redis_client
 from inferq.protocol.intake import TensorUpload, validate_input
 from inferq.protocol.keys import job_key
-from inferq.protocol.registry import load_registry
+from inferq.protocol.registry import ImageInput, ModelSpec, load_registry
 from inferq.workers.inference import load_runner
 from inferq.workers.layout import usable_cpus
 from inferq.workers.weights import ensure_generated_weights
 
-MODEL = "fraud"
 _STARTUP_TIMEOUT_S = 300.0
 _WAIT_S = 30.0
 _MARKER = "inferq-profile-marker"
@@ -228,19 +230,46 @@ def port_owners(stack: ServiceStack) -> dict[str, str]:
 # --- the measurements
 
 
-def _job_inputs(count: int) -> list[list[dict[str, Any]]]:
+@dataclass(frozen=True)
+class Job:
+    """One job's input: OIP `inputs` (a tensor model) or an uploaded file (an image model)."""
+
+    inputs: list[dict[str, Any]] | None = None
+    file: tuple[str, bytes] | None = None
+
+    def submit(self, client: InferqClient, model: str) -> str:
+        if self.file is not None:
+            name, data = self.file
+            return client.submit(model, data, filename=name)
+        return client.submit(model, inputs=self.inputs)
+
+    def blob(self, spec: ModelSpec, settings: Settings) -> bytes:
+        """What a worker reads for this job: the file itself, or the validated tensor upload."""
+        if self.file is not None:
+            return self.file[1]
+        upload = TensorUpload(inputs=[TensorPayload.model_validate(t) for t in self.inputs or []])
+        return validate_input(spec, upload, settings).blob
+
+
+def job_inputs(spec: ModelSpec, count: int, samples_dir: Path) -> list[Job]:
+    """`count` jobs: one-row fraud transactions, or uploads cycling through the demo's sample kinds."""
+    if isinstance(spec.input, ImageInput):
+        files = [(path.name, path.read_bytes()) for path in write_samples(samples_dir)]
+        return [Job(file=files[i % len(files)]) for i in range(count)]
     [tensor] = fraud_example(rows=count)
     width = tensor["shape"][1]
     data = tensor["data"]
-    return [[{**tensor, "shape": [1, width], "data": data[i * width : (i + 1) * width]}] for i in range(count)]
+    return [
+        Job(inputs=[{**tensor, "shape": [1, width], "data": data[i * width : (i + 1) * width]}]) for i in range(count)
+    ]
 
 
-def run_jobs(client: InferqClient, jobs: list[list[dict[str, Any]]]) -> list[tuple[str, float, float, float]]:
+def run_jobs(client: InferqClient, model: str, jobs: list[Job]) -> list[tuple[str, float, float, float]]:
     """Each job submitted and waited for in turn: (job id, sent, accepted, received), epoch seconds."""
     marks = []
-    for inputs in jobs:
+    for job_input in jobs:
         sent = time.time()
-        job_id = client.submit(MODEL, inputs=inputs)
+        job_id = job_input.submit(client, model)
         accepted = time.time()
         job = client.result(job_id, wait_s=_WAIT_S)
         received = time.time()
@@ -275,26 +304,34 @@ def _floor_ms(work: Callable[[], object], runs: int) -> list[float]:
     return times
 
 
-def floors(api_url: str, redis_url: str, runs: int) -> dict[str, list[float]]:
-    """In-process references: the least any HTTP call, Redis command and the model's own work can cost here."""
+def floors(api_url: str, redis_url: str, spec: ModelSpec, jobs: list[Job], runs: int) -> dict[str, list[float]]:
+    """In-process references: the least any HTTP call, Redis command and the model's own work can cost here (the
+    model on one thread, as a worker node runs it under load, and on every usable core, as a lone pass borrows
+    them at low load)."""
     settings = Settings()
-    spec = load_registry(settings.registry_path).get_model(MODEL)
-    torch.set_num_threads(1)  # as one default worker process runs it
     runner = load_runner(spec, settings, torch.device("cpu"))
-    upload = TensorUpload(inputs=[TensorPayload.model_validate(t) for t in _job_inputs(1)[0]])
-    blob = validate_input(spec, upload, settings).blob
+    blobs = [job.blob(spec, settings) for job in jobs[: min(len(jobs), 16)]]
+    turn = itertools.count()
+
+    image = isinstance(spec.input, ImageInput)
 
     def model_work() -> np.ndarray:
-        return runner.infer(runner.prepare(blob)[0])
+        rows = runner.prepare(blobs[next(turn) % len(blobs)])[0]
+        return runner.infer(rows[np.newaxis] if image else rows)  # an image decodes to one row, a tensor to its rows
 
+    model_runs = min(runs, 30) if image else runs
     store = redis_client(redis_url, decode=True)
     try:
         with httpx.Client(base_url=api_url) as http:
-            return {
+            measured = {
                 "HTTP round trip (GET /healthz, keep-alive)": _floor_ms(lambda: http.get("/healthz"), runs),
                 "Redis round trip (PING)": _floor_ms(store.ping, runs),
-                "model in-process: decode + forward, 1 row": _floor_ms(model_work, runs),
             }
+        for threads in sorted({1, usable_cpus()}):
+            torch.set_num_threads(threads)
+            name = f"model in-process: decode + forward, 1 input, {threads} thread(s)"
+            measured[name] = _floor_ms(model_work, model_runs)
+        return measured
     finally:
         store.close()
 
@@ -306,7 +343,7 @@ def _p(values: list[float], percent: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[percent - 1] if len(values) > 1 else values[0]
 
 
-def print_timeline(lines: list[Timeline], floor_ms: dict[str, list[float]]) -> None:
+def print_timeline(model: str, lines: list[Timeline], floor_ms: dict[str, list[float]]) -> None:
     steps: list[tuple[str, Callable[[Timeline], float]]] = [
         ("POST sent -> record created (HTTP, parse, auth, validate, create script)", lambda t: t.created - t.sent),
         ("record created -> 202 at the client (Celery publish, response)", lambda t: t.accepted - t.created),
@@ -319,7 +356,7 @@ def print_timeline(lines: list[Timeline], floor_ms: dict[str, list[float]]) -> N
         ("finished -> client has the job (wake-up, status read, response)", lambda t: t.received - t.finished),
         ("end to end at the client", lambda t: t.received - t.sent),
     ]
-    print(f"\ntime line of one {MODEL} job, {len(lines)} jobs one after another (ms; steps 2 and 3 overlap)")
+    print(f"\ntime line of one {model} job, {len(lines)} jobs one after another (ms; steps 2 and 3 overlap)")
     print(f"  {'step':78} {'p50':>7} {'p90':>7}")
     for name, of in steps:
         values = [of(line) * 1000 for line in lines]
@@ -362,19 +399,22 @@ def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
 def main() -> None:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="fraud", help="the model whose jobs are profiled (fraud, chest-xray)")
     parser.add_argument("--jobs", type=int, default=200, help="jobs timed one after another")
     parser.add_argument("--idle-s", type=float, default=5.0, help="idle window for the background command rate")
     args = parser.parse_args()
     began = time.monotonic()
     settings = Settings()
-    ensure_generated_weights(load_registry(settings.registry_path).get_model(MODEL), settings)
+    model = args.model
+    spec = load_registry(settings.registry_path).get_model(model)
+    ensure_generated_weights(spec, settings)
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    print(f"inferq job profile, {now}: {usable_cpus()} usable CPU(s), model {MODEL}, {args.jobs} jobs")
+    print(f"inferq job profile, {now}: {usable_cpus()} usable CPU(s), model {model}, {args.jobs} jobs")
     with tempfile.TemporaryDirectory() as tmp_dir, EmbeddedRedis(Path(tmp_dir) / "redis") as redis_server:
         url = redis_server.url
         api_port = free_port()
         api_url = f"http://127.0.0.1:{api_port}"
-        env = {**os.environ, "INFERQ_REDIS_URL": url, "INFERQ_API_PORT": str(api_port), "INFERQ_SERVED_MODELS": MODEL}
+        env = {**os.environ, "INFERQ_REDIS_URL": url, "INFERQ_API_PORT": str(api_port), "INFERQ_SERVED_MODELS": model}
         keys = redis_client(url, decode=True)
         try:
             api_key = ApiKeyStore(keys).create("profile", frozenset({"submit", "read"})).key
@@ -383,20 +423,20 @@ def main() -> None:
         stack = ServiceStack(env, Path(tmp_dir) / "logs")
         monitor = Monitor(url)
         try:
-            stack.start("worker", "worker", "--pool", "cpu", "--models", MODEL)
+            stack.start("worker", "worker", "--pool", "cpu", "--models", model)
             stack.start("api", "api")
             stack.wait_http(f"{api_url}/readyz", timeout_s=_STARTUP_TIMEOUT_S)
-            jobs = _job_inputs(args.jobs)
+            jobs = job_inputs(spec, args.jobs, Path(tmp_dir) / "samples")
             with InferqClient(api_url, api_key=api_key) as client:
-                run_jobs(client, jobs[: min(50, len(jobs))])  # warm: connections, lazy imports, batchers
+                run_jobs(client, model, jobs[: min(50, len(jobs))])  # warm: connections, lazy imports, batchers
                 # Timed without MONITOR (which slows Redis down), then counted with it.
-                marks = run_jobs(client, jobs)
+                marks = run_jobs(client, model, jobs)
                 monitor.start()
                 idle = monitor.window(f"idle-{uuid.uuid4().hex}", lambda: time.sleep(args.idle_s))
-                busy = monitor.window(f"busy-{uuid.uuid4().hex}", lambda: run_jobs(client, jobs))
+                busy = monitor.window(f"busy-{uuid.uuid4().hex}", lambda: run_jobs(client, model, jobs))
             owners = port_owners(stack)
-            floor_ms = floors(api_url, url, runs=args.jobs)
-            print_timeline(timelines(url, marks), floor_ms)
+            floor_ms = floors(api_url, url, spec, jobs, runs=args.jobs)
+            print_timeline(model, timelines(url, marks), floor_ms)
             print_commands(idle, busy, owners, len(jobs))
         except BaseException:
             for name in ("worker", "api"):

@@ -37,3 +37,25 @@ def test_the_low_load_reference_runs_each_image_in_process_when_asked(tmp_path) 
         seconds = [reference.run(index) for index in range(3)]
     # A DenseNet-121 pass on one thread takes tens of milliseconds on any CPU this runs on.
     assert all(0.005 < s < 60 for s in seconds), seconds
+
+
+def test_the_job_profile_times_an_image_job_step_by_step() -> None:
+    # The closing notes' profile of where a job's milliseconds go comes from this script: it must keep running.
+    argv = [
+        sys.executable,
+        str(REPO_ROOT / "scripts" / "profile_job.py"),
+        "--model",
+        "chest-xray",
+        "--jobs",
+        "3",
+        "--idle-s",
+        "0.2",
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "time line of one chest-xray job, 3 jobs" in done.stdout, done.stdout
+    end_to_end = re.search(r"end to end at the client\s+([\d.]+)\s+([\d.]+)", done.stdout)
+    assert end_to_end is not None, done.stdout
+    # A DenseNet-121 pass is in it: at least milliseconds, and well under the job's time limit.
+    assert 1.0 < float(end_to_end.group(1)) < 60_000, done.stdout
+    assert re.search(r"model in-process: decode \+ forward, 1 input, 1 thread\(s\)\s+[\d.]+", done.stdout)
