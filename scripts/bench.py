@@ -77,6 +77,7 @@ _JOB_WAIT_S = 120.0
 _FRAUD_FEATURES = 30
 _REFERENCE_PAUSE_S = 0.05
 _BULK_ROUNDS = 3
+_FRAUD_LOW_LOAD_JOBS = 300
 
 JobRunner = Callable[[int], None]
 Session = Callable[[], AbstractContextManager[JobRunner]]
@@ -151,9 +152,15 @@ class SystemFigures:
     xray_low_load: Loop | None = None
     fraud_per_job: Loop | None = None
     fraud_bulk: Loop | None = None
+    # One client, one job at a time: the per-job latency floor of each system's path (for the naive app, Celery's).
+    fraud_low_load: Loop | None = None
 
 
 # --- inputs
+
+
+def _fraud_low_load_jobs(counts: Counts) -> int:
+    return min(counts.fraud_jobs, _FRAUD_LOW_LOAD_JOBS)
 
 
 def _xray_inputs(samples: list[Path], count: int) -> list[tuple[str, bytes]]:
@@ -470,6 +477,7 @@ def measure_naive(
             session = _naive_session(redis_url, FRAUD_TASK, lambda i: [[rows[i]]])
             closed_loop(session, clients=counts.clients, jobs=counts.clients)
             figures.fraud_per_job = closed_loop(session, clients=counts.clients, jobs=counts.fraud_jobs)
+            figures.fraud_low_load = closed_loop(session, clients=1, jobs=_fraud_low_load_jobs(counts))
     except BaseException:
         print(stack.log_of("naive")[-3000:], file=sys.stderr)
         raise
@@ -575,6 +583,7 @@ def measure_inferq(
             InferqSession(api_url, api_key, "fraud", submit_fraud).loop(clients=counts.clients, jobs=counts.clients)
             session = InferqSession(api_url, api_key, "fraud", submit_fraud)
             figures.fraud_per_job = session.loop(clients=counts.clients, jobs=counts.fraud_jobs)
+            figures.fraud_low_load = closed_loop(session, clients=1, jobs=_fraud_low_load_jobs(counts))
             with InferqClient(api_url, api_key=api_key) as client:
                 # A bulk run lasts about a second: the median of a few says more on a noisy machine than one.
                 rounds = [_fraud_bulk(client, jobs) for _ in range(_BULK_ROUNDS)]
@@ -679,6 +688,17 @@ def _rows(limits: dict[str, Limit], naive: SystemFigures, inferq: SystemFigures,
                 naive_rate,
                 inferq.fraud_bulk.per_s if inferq.fraud_bulk else None,
                 _batch_note(inferq.fraud_bulk) + " (naive: its per-job rate; it has no bulk)",
+            )
+        )
+        single = limits["fraud"].best_single()
+        loops = (naive.fraud_low_load, inferq.fraud_low_load)
+        rows.append(
+            (
+                "fraud low load p50, 1 client",
+                "ms",
+                _ms(_percentile(single.single_latencies_s, 50)) if single else None,
+                *(_ms(_percentile(loop.latencies_s, 50)) if loop else None for loop in loops),
+                "naive: Celery's own round trip, no HTTP; inferq: one synchronous call",
             )
         )
     return rows
