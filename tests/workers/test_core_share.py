@@ -246,3 +246,21 @@ def test_a_stopped_borrower_delays_its_lender_only_for_a_bounded_time(
         with lender.computing(jobs=1, expected_s=LONG_PASS_S):
             waited_s = time.monotonic() - started
         assert 0.5 <= waited_s < 3.0
+
+
+def test_nodes_stop_spinning_soon_after_a_pass_unless_the_user_chose_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A finished pass's OpenMP threads spinning for milliseconds would take a core from whatever runs next.
+    for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
+        monkeypatch.delenv(name, raising=False)
+    [node] = node_specs(pool="cpu", queues=["fraud"], processes=1, torch_threads=1, slots=4, loglevel="info")
+    assert node.env["GOMP_SPINCOUNT"] == "10000"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    [node] = node_specs(pool="cpu", queues=["fraud"], processes=1, torch_threads=1, slots=4, loglevel="info")
+    assert "GOMP_SPINCOUNT" not in node.env
+    assert node.env["OMP_WAIT_POLICY"] == "ACTIVE"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "300000")
+    [node] = node_specs(pool="cpu", queues=["fraud"], processes=1, torch_threads=1, slots=4, loglevel="info")
+    assert node.env["GOMP_SPINCOUNT"] == "300000"
