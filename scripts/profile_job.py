@@ -1,9 +1,9 @@
 """Where the milliseconds of one job go, end to end: a job at low load, through HTTP, Redis and a worker.
 
 Starts a private Redis, `inferq api` and `inferq worker --pool cpu --models MODEL` (its defaults; `fraud` unless
-`--model chest-xray`, whose jobs cycle through the demo's sample uploads), warms them
-up, then runs jobs one after another as a user does (`submit`, then `result(job_id, wait_s=...)`), twice: timed,
-then under MONITOR (which slows Redis down), and prints:
+`--model chest-xray`, whose jobs cycle through the demo's sample uploads), warms them up, then runs jobs one after
+another as a user does (`submit`, then `result(job_id, wait_s=...)`), twice: timed, then under MONITOR (which slows
+Redis down), and prints:
 
 - a time line per job (p50 and p90 over the jobs) from the client's clocks and the job record's own timestamps
   (Redis `TIME`, taken inside the scripts that create, claim, begin and finish the job), next to in-process
@@ -312,7 +312,6 @@ def floors(api_url: str, redis_url: str, spec: ModelSpec, jobs: list[Job], runs:
     runner = load_runner(spec, settings, torch.device("cpu"))
     blobs = [job.blob(spec, settings) for job in jobs[: min(len(jobs), 16)]]
     turn = itertools.count()
-
     image = isinstance(spec.input, ImageInput)
 
     def model_work() -> np.ndarray:
