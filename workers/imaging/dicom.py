@@ -28,7 +28,12 @@ from inferq.workers.imaging.codestream import (
     j2k_header,
     jpeg_precision,
 )
-from inferq.workers.imaging.geometry import align_wavelet_samples, needed_size, reduction_levels
+from inferq.workers.imaging.geometry import (
+    align_wavelet_samples,
+    halvings_before_fit,
+    needed_size,
+    reduction_levels,
+)
 from inferq.workers.imaging.monochrome import frame_header, present_monochrome
 from inferq.workers.imaging.present import Picture, luma, make_picture
 
@@ -55,7 +60,12 @@ def read_dicom(data: bytes, *, max_image_pixels: int, spec: ImageInput | None = 
         if frame is not None:
             _check_codestream_size(frame, info)
         decoded, photometric, wavelet_halvings = _decode_first_frame(dataset, info, frame, spec)
-        grey = _present(decoded, photometric, dataset)
+        # A frame decoded whole is halved while it is presented, as far as the fit would halve it first: a
+        # detector-sized film then never exists as a full-size float picture.
+        halvings = 0
+        if spec is not None and wavelet_halvings == 0 and decoded.ndim == 2:
+            halvings = halvings_before_fit(decoded.shape[0], decoded.shape[1], spec)
+        grey = _present(decoded, photometric, dataset, halvings=halvings)
     if wavelet_halvings:
         grey = align_wavelet_samples(grey, wavelet_halvings)
     # A grey frame presented through a table is float32, finite and in [0, 1] already.
@@ -102,10 +112,11 @@ def _decode_reduced(dataset: Dataset, info: ImageInfo, frame: bytes, spec: Image
     return None
 
 
-def _present(decoded: np.ndarray, photometric: str, dataset: Dataset) -> np.ndarray:
+def _present(decoded: np.ndarray, photometric: str, dataset: Dataset, *, halvings: int) -> np.ndarray:
     if photometric in _MONOCHROME:
         little_endian = dataset.original_encoding[1] is not False
-        return present_monochrome(decoded, photometric, frame_header(dataset), little_endian=little_endian)
+        header = frame_header(dataset)
+        return present_monochrome(decoded, photometric, header, little_endian=little_endian, halvings=halvings)
     return _colour_to_grey(decoded, photometric, dataset)
 
 

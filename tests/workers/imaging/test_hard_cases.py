@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydicom.config import disable_value_validation
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
@@ -489,6 +490,27 @@ def test_a_jpeg_file_is_dct_scaled_and_stays_close() -> None:
     data = _jpeg((_film(2000, 1800) >> 4).astype(np.uint8))
     assert _pixels(data, MODEL).shape == (250, 225)
     _assert_close_to_full_decode(data)
+
+
+@pytest.mark.parametrize("resize", ["stretch", "letterbox", "center-crop"])
+def test_a_frame_halved_while_presented_gives_the_tensor_of_the_whole_picture(resize: str, tmp_path: Path) -> None:
+    # A frame decoded whole is presented a strip at a time and halved as the fit would halve it: the tensor must
+    # be the whole picture's, bit for bit, whatever the fit, the size (partial last blocks), padding or inversion.
+    spec = MODEL.model_copy(update={"resize": resize})
+    film = _film(1001, 803)
+    film[:40] = 4095  # outside the exposure
+    real = ("image_dfl.dcm", "liver_1frame.dcm", "liver_expb_1frame.dcm")  # deflated, 1-bit, big-endian
+    uploads = [
+        _dicom(film, PhotometricInterpretation="MONOCHROME1", bits_stored=12, PixelPaddingValue=4095, **_WINDOW),
+        write_large_samples(tmp_path)[0].read_bytes(),  # the 12-bit uncompressed DX, 2500 x 2000
+        *(Path(get_testdata_file(name)).read_bytes() for name in real),  # type: ignore[arg-type]
+    ]
+    for data in uploads:
+        whole = read_picture(data, max_image_pixels=MAX_PIXELS)
+        assert _pixels(data, spec).shape[0] < whole.pixels.shape[0]  # halved while presented
+        tensor, _ = preprocess(data, spec, max_image_pixels=MAX_PIXELS)
+        assert tensor.tobytes() == to_model_input(whole, spec).tobytes()
+        assert _picture_units(tensor, spec).std() > 0.05  # a picture, not a blank that would agree with anything
 
 
 def test_detector_sized_samples_read_the_same_reduced_or_whole(tmp_path: Path) -> None:
