@@ -6,8 +6,8 @@ case the workers must read to the same picture: 16-bit DX with a window, MONOCHR
 with fake, obviously synthetic patient attributes and UIDs derived from the file name, so the bytes never change.
 
 `write_large_samples` writes detector-sized films (2500 x 2000, with quantum noise so they compress as real ones
-do) for measuring decode cost: an uncompressed 12-bit DX, a JPEG 2000 lossless CR and a JPEG. They are not in
-`SAMPLE_NAMES`, so the demo and the small samples stay as they are.
+do) for measuring decode cost: an uncompressed 12-bit DX, a JPEG 2000 lossless CR, a JPEG and a 16-bit PNG. They
+are not in `SAMPLE_NAMES`, so the demo and the small samples stay as they are.
 """
 
 from __future__ import annotations
@@ -45,7 +45,12 @@ SAMPLE_NAMES = (
     "chest.jpg",
 )
 SAMPLE_SIZE_PX = 512
-LARGE_SAMPLE_NAMES = ("chest-dx-2500x2000-12bit.dcm", "chest-cr-2500x2000-j2k.dcm", "chest-2500x2000.jpg")
+LARGE_SAMPLE_NAMES = (
+    "chest-dx-2500x2000-12bit.dcm",
+    "chest-cr-2500x2000-j2k.dcm",
+    "chest-2500x2000.jpg",
+    "chest-2500x2000-16bit.png",
+)
 LARGE_SAMPLE_SHAPE_PX = (2500, 2000)  # rows, columns: a 43 x 35 cm detector at about 0.17 mm
 _CR_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")  # Computed Radiography Image Storage
 _NOISE_SEED = 2026
@@ -86,6 +91,7 @@ def write_large_samples(directory: Path) -> list[Path]:
         "chest-dx-2500x2000-12bit.dcm": lambda: _dx_16bit(picture, name="chest-dx-2500x2000-12bit.dcm"),
         "chest-cr-2500x2000-j2k.dcm": lambda: _cr_j2k(picture),
         "chest-2500x2000.jpg": lambda: _jpeg(picture),
+        "chest-2500x2000-16bit.png": lambda: _png(_quantise(picture, 65535).astype(np.uint16)),
     }
     paths = []
     for name in LARGE_SAMPLE_NAMES:

@@ -16,9 +16,9 @@ import numpy as np
 from inferq.protocol.errors import InvalidImage
 from inferq.protocol.media import ImageInfo
 from inferq.protocol.registry import ImageInput
-from inferq.workers.imaging.geometry import fit
+from inferq.workers.imaging.geometry import fit, halve_in_strips
 
-__all__ = ["BT601_LUMA", "Picture", "luma", "make_picture", "to_model_input"]
+__all__ = ["BT601_LUMA", "Picture", "luma", "make_picture", "present_through_table", "to_model_input"]
 
 # ITU-R BT.601 luma weights for R, G, B: the grey a colour picture reduces to.
 BT601_LUMA = (0.299, 0.587, 0.114)
@@ -47,6 +47,20 @@ def make_picture(grey: np.ndarray, info: ImageInfo, *, checked: bool = False) ->
         pixels = np.ascontiguousarray(np.clip(grey, 0.0, 1.0), dtype=np.float32)
     pixels.flags.writeable = False
     return Picture(pixels=pixels, info=info)
+
+
+def present_through_table(table: np.ndarray, indices: np.ndarray, halvings: int) -> np.ndarray:
+    """`table[indices]` for a table of float32 values in [0, 1], one entry per stored value; halved `halvings`
+    times as the fit's first step would halve it (block means), presented a strip at a time so that a
+    detector-sized picture is never held whole (`geometry.halve_in_strips`). Block means of values in [0, 1] stay
+    in [0, 1]: the result is as checked as the table."""
+    if halvings == 0 or indices.ndim != 2:
+        return np.take(table, indices)  # take: about twice as fast as fancy indexing here
+
+    def present_rows(start: int, stop: int, out: np.ndarray) -> None:
+        np.take(table, indices[start:stop], out=out)
+
+    return halve_in_strips(indices.shape, halvings, present_rows)
 
 
 def luma(rgb: np.ndarray) -> np.ndarray:

@@ -20,8 +20,8 @@ from PIL import Image, ImageOps
 
 from inferq.protocol.media import ImageInfo, check_fits, open_raster, third_party_boundary
 from inferq.protocol.registry import ImageInput
-from inferq.workers.imaging.geometry import needed_size
-from inferq.workers.imaging.present import Picture, luma, make_picture
+from inferq.workers.imaging.geometry import halvings_before_fit, needed_size
+from inferq.workers.imaging.present import Picture, luma, make_picture, present_through_table
 
 __all__ = ["read_raster"]
 
@@ -37,6 +37,8 @@ _GREY_FULL_SCALE = {
     "F": 1.0,
 }
 _CONTAINER_BITS = {"L": 8, "I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16, "I": 16}
+# Grey modes of 8 or 16-bit integers, presented through a table of every stored value.
+_TABLE_MODES = ("L", "I;16", "I;16L", "I;16B", "I;16N")
 
 
 def read_raster(data: bytes, *, max_image_pixels: int, spec: ImageInput | None = None) -> Picture:
@@ -46,7 +48,13 @@ def read_raster(data: bytes, *, max_image_pixels: int, spec: ImageInput | None =
         if spec is not None:
             check_fits(info, spec)
             _draft(opened, info, spec)
-        upright = ImageOps.exif_transpose(opened)  # decodes; a copy when there is no orientation to apply
+        opened.load()
+        # In place: a copy of a detector-sized picture costs as much as presenting it.
+        ImageOps.exif_transpose(opened, in_place=True)
+        upright = opened
+        if upright.mode in _TABLE_MODES:
+            halvings = halvings_before_fit(upright.height, upright.width, spec) if spec is not None else 0
+            return make_picture(_grey_through_table(upright, info, halvings), info, checked=True)
         grey = _grey(upright, info)
     return make_picture(grey, info)
 
@@ -60,6 +68,18 @@ def _draft(image: Image.Image, info: ImageInfo, spec: ImageInput) -> None:
     if orientation in (5, 6, 7, 8):  # stored sideways: the fit's rows are the stored columns
         rows, columns = columns, rows
     image.draft(image.mode, (columns, rows))
+
+
+def _grey_through_table(image: Image.Image, info: ImageInfo, halvings: int) -> np.ndarray:
+    """An 8 or 16-bit grey picture, float32 in [0, 1], through a table of every stored value's grey (what `_grey`
+    computes for each pixel, bit for bit), halved `halvings` times as it is presented: a detector-sized PNG is
+    never held whole as float."""
+    values = np.asarray(image)
+    values = values.astype(np.uint8 if values.dtype.itemsize == 1 else np.uint16, copy=False)  # native order
+    full_scale = _grey_full_scale(values, image.mode, info)
+    entries = np.arange(1 << (8 * values.dtype.itemsize), dtype=np.float64)
+    table = np.clip(entries / full_scale, 0.0, 1.0).astype(np.float32)
+    return present_through_table(table, values, halvings)
 
 
 def _grey(image: Image.Image, info: ImageInfo | None = None) -> np.ndarray:

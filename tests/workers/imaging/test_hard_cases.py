@@ -492,8 +492,15 @@ def test_a_jpeg_file_is_dct_scaled_and_stays_close() -> None:
     _assert_close_to_full_decode(data)
 
 
+@pytest.fixture(scope="module")
+def large_samples(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return write_large_samples(tmp_path_factory.mktemp("large"))
+
+
 @pytest.mark.parametrize("resize", ["stretch", "letterbox", "center-crop"])
-def test_a_frame_halved_while_presented_gives_the_tensor_of_the_whole_picture(resize: str, tmp_path: Path) -> None:
+def test_a_frame_halved_while_presented_gives_the_tensor_of_the_whole_picture(
+    resize: str, large_samples: list[Path]
+) -> None:
     # A frame decoded whole is presented a strip at a time and halved as the fit would halve it: the tensor must
     # be the whole picture's, bit for bit, whatever the fit, the size (partial last blocks), padding or inversion.
     spec = MODEL.model_copy(update={"resize": resize})
@@ -502,7 +509,7 @@ def test_a_frame_halved_while_presented_gives_the_tensor_of_the_whole_picture(re
     real = ("image_dfl.dcm", "liver_1frame.dcm", "liver_expb_1frame.dcm")  # deflated, 1-bit, big-endian
     uploads = [
         _dicom(film, PhotometricInterpretation="MONOCHROME1", bits_stored=12, PixelPaddingValue=4095, **_WINDOW),
-        write_large_samples(tmp_path)[0].read_bytes(),  # the 12-bit uncompressed DX, 2500 x 2000
+        large_samples[0].read_bytes(),  # the 12-bit uncompressed DX, 2500 x 2000
         *(Path(get_testdata_file(name)).read_bytes() for name in real),  # type: ignore[arg-type]
     ]
     for data in uploads:
@@ -513,9 +520,27 @@ def test_a_frame_halved_while_presented_gives_the_tensor_of_the_whole_picture(re
         assert _picture_units(tensor, spec).std() > 0.05  # a picture, not a blank that would agree with anything
 
 
-def test_detector_sized_samples_read_the_same_reduced_or_whole(tmp_path: Path) -> None:
-    dx, cr_j2k, jpeg = write_large_samples(tmp_path)
+@pytest.mark.parametrize("resize", ["stretch", "letterbox", "center-crop"])
+def test_a_grey_png_halved_while_presented_gives_the_tensor_of_the_whole_picture(resize: str) -> None:
+    spec = MODEL.model_copy(update={"resize": resize})
+    film = _film(1001, 803)  # 12-bit values
+    uploads = [
+        _png((film >> 4).astype(np.uint8)),
+        _png(film * 16),  # 16-bit, scaled up as the PNG specification asks
+        _with_sbit(_png(film), 12),  # 16-bit container, 12 significant bits written unscaled
+    ]
+    for data in uploads:
+        whole = read_picture(data, max_image_pixels=MAX_PIXELS)
+        assert _pixels(data, spec).shape[0] < whole.pixels.shape[0]  # halved while presented
+        tensor, _ = preprocess(data, spec, max_image_pixels=MAX_PIXELS)
+        assert tensor.tobytes() == to_model_input(whole, spec).tobytes()
+        assert _picture_units(tensor, spec).std() > 0.05
+
+
+def test_detector_sized_samples_read_the_same_reduced_or_whole(large_samples: list[Path]) -> None:
+    dx, cr_j2k, jpeg, png = large_samples
     for data in (cr_j2k.read_bytes(), jpeg.read_bytes()):
         _assert_close_to_full_decode(data)
-    whole = to_model_input(read_picture(dx.read_bytes(), max_image_pixels=MAX_PIXELS), MODEL)
-    assert preprocess(dx.read_bytes(), MODEL, max_image_pixels=MAX_PIXELS)[0].tobytes() == whole.tobytes()
+    for data in (dx.read_bytes(), png.read_bytes()):  # decoded whole: the same tensor, bit for bit
+        whole = to_model_input(read_picture(data, max_image_pixels=MAX_PIXELS), MODEL)
+        assert preprocess(data, MODEL, max_image_pixels=MAX_PIXELS)[0].tobytes() == whole.tobytes()
