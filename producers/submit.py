@@ -227,12 +227,6 @@ class JobSubmitter:
             return Receipt(job_id=job.job_id, status=outcome, replayed=False)
         return BackendUnavailable("the broker is unavailable; try again")
 
-    def queue_depths(self, models: Sequence[str] | None = None) -> dict[str, int]:
-        """Jobs waiting per model (all models by default): queued records, whichever broker carries them and however
-        many travel in one message (a bulk chunk), at either stage of a model that decodes apart."""
-        names = list(models) if models is not None else list(self._registry)
-        return self._stores.jobs.model_queue_depths(names)
-
 
 def _chunks(spec: ModelSpec, jobs: list[NewJob]) -> list[list[NewJob]]:
     """The messages to send: a bulk submission's jobs travel up to a batch per message, which saves the per-task

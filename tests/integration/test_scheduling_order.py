@@ -96,7 +96,7 @@ def test_a_single_slot_worker_takes_stat_then_urgent_then_deadlines_and_tenants_
     urgent = _submit(submitter, south, "urgent")
     stat = _submit(submitter, north, "stat")
     everything = [*flood, *few, due_soon, urgent, stat]
-    assert submitter.queue_depths(["fraud"]) == {"fraud": len(everything)}
+    assert stores.jobs.model_queue_depths(["fraud"]) == {"fraud": len(everything)}
     # When one worker with one slot starts
     _run_one_slot_worker(settings, tmp_path, everything, stores)
     order = _claim_order(stores, everything)
