@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from typing import Any
 
 import httpx
@@ -18,7 +19,7 @@ from inferq.producers.operations import build_reconciler
 from inferq.protocol.celery_config import message_job_ids
 from inferq.protocol.connections import redis_client
 from inferq.protocol.jobs import JobStore
-from inferq.protocol.keys import many_task_name_for, published_key, queue_lists
+from inferq.protocol.keys import job_key, many_task_name_for, published_key, queue_lists
 from tests.integration.conftest import Stack
 
 pytestmark = pytest.mark.slow
@@ -226,6 +227,20 @@ def test_the_client_submits_many_and_reads_them_back(stack: Stack) -> None:
     assert [j["result"]["outputs"][0]["shape"] for j in jobs] == [[1, 1], [2, 1], [3, 1]]
     assert one["status"] == "succeeded"
     assert [e["status"] for e in images] == ["queued", "queued"]
+
+
+def test_bulk_uploads_carry_each_files_idempotency_key_and_the_options(stack: Stack) -> None:
+    # Given two uploads sent in one multipart request, each with its own key, at STAT priority
+    keys = [f"bulk-key-{uuid.uuid4().hex}" for _ in range(2)]
+    with stack.client() as client:
+        first = client.submit_many("chest-xray", stack.samples[:2], idempotency_keys=keys, priority="stat")
+        # When the same request is sent again
+        again = client.submit_many("chest-xray", stack.samples[:2], idempotency_keys=keys, priority="stat")
+    # Then each key named one job, and the option reached both
+    assert len({e["job_id"] for e in first}) == 2
+    assert [e["job_id"] for e in again] == [e["job_id"] for e in first]
+    records = redis_client(stack.redis_url, decode=True)
+    assert [records.hget(job_key(e["job_id"]), "priority") for e in first] == ["stat", "stat"]
 
 
 def test_requests_sent_at_once_keep_each_entry_in_its_jobs_place(stack: Stack) -> None:

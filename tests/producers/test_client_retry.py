@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from email.utils import formatdate
 
-import httpx
 import pytest
+import urllib3
 
 from inferq.producers.client import _BULK_MAX_BYTES, RetryPolicy, _file_chunks, _retry_after_s, new_idempotency_key
 
@@ -25,11 +25,11 @@ def test_retry_after_is_a_floor_with_a_little_jitter() -> None:
 
 
 def test_retry_after_is_read_as_seconds_or_as_an_http_date() -> None:
-    assert _retry_after_s(httpx.Response(503, headers={"Retry-After": "7"})) == 7.0
-    dated = _retry_after_s(httpx.Response(503, headers={"Retry-After": formatdate(usegmt=True)}))
+    assert _retry_after_s(urllib3.HTTPResponse(status=503, headers={"Retry-After": "7"})) == 7.0
+    dated = _retry_after_s(urllib3.HTTPResponse(status=503, headers={"Retry-After": formatdate(usegmt=True)}))
     assert dated is not None and 0.0 <= dated <= 1.0
-    assert _retry_after_s(httpx.Response(503, headers={"Retry-After": "soon"})) is None
-    assert _retry_after_s(httpx.Response(503)) is None
+    assert _retry_after_s(urllib3.HTTPResponse(status=503, headers={"Retry-After": "soon"})) is None
+    assert _retry_after_s(urllib3.HTTPResponse(status=503)) is None
 
 
 @pytest.mark.parametrize("policy", [{"max_attempts": 0}, {"first_delay_s": -1}, {"max_delay_s": 0.1}])
