@@ -8,6 +8,7 @@ Every route but the health probes needs an API key (`producers.auth`); bodies ar
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -154,12 +155,17 @@ class ApiState:
     probe_limiter: anyio.CapacityLimiter
     hub: CompletionHub
 
-    async def read_jobs(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
-        return await run_in_threadpool(self.stores.jobs.views, job_ids)
-
-    async def wait_jobs(self, job_ids: list[str], wait_s: float, until: Literal["all", "any"] = "all") -> list[Any]:
+    async def wait_jobs(
+        self, job_ids: list[str], wait_s: float, until: Literal["all", "any"] = "all", *, tenant: str | None = None
+    ) -> list[Any]:
+        """The jobs once all (or any) are final, or after `wait_s` (capped); given `tenant`, another tenant's job
+        reads None, as an unknown one does."""
         capped_s = min(wait_s, self.settings.max_wait_s)
-        return await wait_for_jobs(self.hub, self.read_jobs, job_ids, wait_s=capped_s, until=until)
+
+        async def read(ids: list[str]) -> list[dict[str, Any] | None]:
+            return await run_in_threadpool(functools.partial(self.stores.jobs.views, ids, tenant=tenant))
+
+        return await wait_for_jobs(self.hub, read, job_ids, wait_s=capped_s, until=until)
 
 
 def _error_response(status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
@@ -345,8 +351,8 @@ def _register_job_routes(app: FastAPI, state: ApiState) -> None:
         principal: Reader,
         wait_s: float = Query(default=0.0, ge=0, description="Wait up to this long (capped) for the job to end"),
     ) -> dict[str, Any]:
-        await run_in_threadpool(require_own_job, state.stores.jobs, principal, job_id)
-        [view] = await state.wait_jobs([job_id], wait_s)
+        # The ownership check is the first read's: another tenant's job reads as unknown, one round trip saved.
+        [view] = await state.wait_jobs([job_id], wait_s, tenant=principal.tenant)
         if view is None:
             raise UnknownJob(f"no job with id {job_id!r}")
         return dict(view)

@@ -278,23 +278,27 @@ class JobStore:
             fields = self.fields(job_id)
         return render_view(job_id, fields)
 
-    def views(self, job_ids: Sequence[str]) -> list[dict[str, Any] | None]:
-        """Many jobs in one round trip; None for an unknown id. Expired-on-read like `view`."""
-        stored, now_s = self._read_all(job_ids)
+    def views(self, job_ids: Sequence[str], *, tenant: str | None = None) -> list[dict[str, Any] | None]:
+        """Many jobs in one round trip; None for an unknown id and, given `tenant`, for another tenant's job (read
+        as unknown, so that its existence is not revealed). Expired-on-read like `view`."""
+        stored, now_s = self._read_all(job_ids, tenant)
         late = [job_id for job_id, fields in zip(job_ids, stored, strict=True) if _past_deadline(fields, now_s)]
         if late:
             for job_id in late:
                 self.expire(job_id)
-            stored, _ = self._read_all(job_ids)
+            stored, _ = self._read_all(job_ids, tenant)
         return [render_view(j, f) if f else None for j, f in zip(job_ids, stored, strict=True)]
 
-    def _read_all(self, job_ids: Sequence[str]) -> tuple[list[dict[str, str]], float]:
-        """The records, and Redis's clock read in the same round trip (a waiting request reads often)."""
+    def _read_all(self, job_ids: Sequence[str], tenant: str | None) -> tuple[list[dict[str, str]], float]:
+        """The records (empty where unknown or not `tenant`'s), and Redis's clock read in the same round trip (a
+        waiting request reads often)."""
         pipe = self._redis.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hgetall(job_key(job_id))
         pipe.time()
         *stored, (seconds, micros) = pipe.execute()
+        if tenant is not None:
+            stored = [fields if fields.get("tenant") == tenant else {} for fields in stored]
         return stored, float(seconds) + float(micros) / 1e6
 
     def tenants(self, job_ids: Sequence[str]) -> list[str | None]:

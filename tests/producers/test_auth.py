@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -97,6 +98,18 @@ def test_a_missing_job_and_another_tenants_job_answer_alike(api: Api) -> None:
     missing = api.client.get(f"/v1/jobs/{'0' * 32}", headers=api.auth(OTHER, "read"))
     assert theirs.status_code == missing.status_code == 404
     assert theirs.json()["error"]["code"] == missing.json()["error"]["code"] == "unknown_job"
+
+
+def test_waiting_on_another_tenants_job_answers_unknown_at_once(api: Api) -> None:
+    # Given a queued job (no worker runs here), read by another tenant asking to wait for it
+    job_id = _submit(api, OWNER)
+    started = time.monotonic()
+    theirs = api.client.get(f"/v1/jobs/{job_id}", params={"wait_s": 30}, headers=api.auth(OTHER, "read"))
+    # Then it is unknown to them, without being held for the wait; its owner still sees it queued
+    assert theirs.status_code == 404 and theirs.json()["error"]["code"] == "unknown_job"
+    assert time.monotonic() - started < 10
+    mine = api.client.get(f"/v1/jobs/{job_id}", params={"wait_s": 0.2}, headers=api.auth(OWNER, "read"))
+    assert mine.status_code == 200 and mine.json()["status"] == "queued"
 
 
 def test_health_probes_stay_open(api: Api) -> None:
