@@ -38,6 +38,14 @@ _LONGEST_POLL_S = 60.0
 # A server that answers a wait at once without a final job (an old one, without long-polling) is not hammered.
 _MIN_POLL_GAP_S = 0.2
 _BULK_MAX_BYTES = 32 * 1024 * 1024
+# Options of a bare image body travel in these headers (a query string would land in logs).
+_OPTION_HEADERS = {
+    "callback_url": "inferq-callback-url",
+    "priority": "inferq-priority",
+    "deadline_s": "inferq-deadline-s",
+}
+# DICOM Part 10: 'DICM' after a 128-byte preamble.
+_DICOM_PREFIX_OFFSET = 128
 # A form field: a plain value, or a file as (filename, bytes, content type).
 FormField = tuple[str, str | tuple[str, bytes, str]]
 
@@ -156,6 +164,11 @@ class InferqClient:
             body = {"inputs": inputs, **options}
             return _json(self._request("POST", url, json_body=body, headers=headers, wait_s=wait_s))
         data, name = _file_bytes(file, filename)  # type: ignore[arg-type]
+        media_type = _image_media_type(data)
+        if media_type is not None:
+            # A bare body, options in headers: no multipart to encode here or to parse in the API.
+            headers |= {_OPTION_HEADERS[k]: str(v) for k, v in options.items()} | {"Content-Type": media_type}
+            return _json(self._request("POST", url, body=data, headers=headers, wait_s=wait_s))
         form: list[FormField] = [(k, str(v)) for k, v in options.items()]
         form.append(("file", (name, data, "application/octet-stream")))
         return _json(self._request("POST", url, form=form, headers=headers, wait_s=wait_s))
@@ -266,13 +279,13 @@ class InferqClient:
         params: dict[str, str] | None = None,
         json_body: Any = None,
         form: list[FormField] | None = None,
+        body: bytes | None = None,
         headers: dict[str, str] | None = None,
     ) -> urllib3.BaseHTTPResponse:
         """Send, retrying 429/503 and dropped connections per the retry policy; the last answer (or transport
         error, a `urllib3.exceptions.HTTPError`) stands when the policy gives up."""
         url = self._path_prefix + path + (f"?{urlencode(params)}" if params else "")
         sent_headers = {**self._headers, **(headers or {})}
-        body: bytes | None = None
         if json_body is not None:
             body = json.dumps(json_body).encode()
             sent_headers["Content-Type"] = "application/json"
@@ -342,6 +355,18 @@ def _file_bytes(file: str | Path | bytes, filename: str | None) -> tuple[bytes, 
         return file, filename or "upload"
     path = Path(file)
     return path.read_bytes(), filename or path.name
+
+
+def _image_media_type(data: bytes) -> str | None:
+    """The media type of a DICOM, PNG or JPEG upload by its magic bytes, else None (sent as a multipart file).
+    Only the wire format rests on it: the API reads the magic bytes again, whatever the type says."""
+    if data[_DICOM_PREFIX_OFFSET : _DICOM_PREFIX_OFFSET + 4] == b"DICM":
+        return "application/dicom"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    return None
 
 
 def _json(response: urllib3.BaseHTTPResponse) -> dict[str, Any]:

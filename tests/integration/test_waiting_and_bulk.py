@@ -18,6 +18,7 @@ from inferq.producers.demo import fraud_example
 from inferq.producers.operations import build_reconciler
 from inferq.protocol.celery_config import message_job_ids
 from inferq.protocol.connections import redis_client
+from inferq.protocol.errors import RemoteError
 from inferq.protocol.jobs import JobStore
 from inferq.protocol.keys import job_key, many_task_name_for, published_key, queue_lists
 from tests.integration.conftest import Stack
@@ -241,6 +242,28 @@ def test_bulk_uploads_carry_each_files_idempotency_key_and_the_options(stack: St
     assert [e["job_id"] for e in again] == [e["job_id"] for e in first]
     records = redis_client(stack.redis_url, decode=True)
     assert [records.hget(job_key(e["job_id"]), "priority") for e in first] == ["stat", "stat"]
+
+
+@pytest.mark.parametrize("kind", ["png", "jpg", "dcm"])
+def test_a_single_upload_carries_its_options_to_the_job(stack: Stack, kind: str) -> None:
+    # Given one sample of each kind, submitted with options by the client (a bare image body, options in headers)
+    [sample] = [path for path in stack.samples if path.suffix == f".{kind}"][:1]
+    key = f"one-{kind}-{uuid.uuid4().hex}"
+    with stack.client() as client:
+        job_id = client.submit("chest-xray", sample, priority="stat", deadline_s=600, idempotency_key=key)
+        again = client.submit("chest-xray", sample, priority="stat", deadline_s=600, idempotency_key=key)
+        job = client.result(job_id, wait_s=_JOB_TIMEOUT_S)
+    # Then the key, the priority and the deadline reached the job, and it ran
+    assert again == job_id and job["status"] == "succeeded"
+    record = redis_client(stack.redis_url, decode=True).hgetall(job_key(job_id))
+    assert record["priority"] == "stat"
+    assert float(record["expires_at"]) - float(record["submitted_at"]) == pytest.approx(600)
+
+
+def test_a_file_of_no_known_kind_is_refused_clearly(stack: Stack) -> None:
+    with stack.client() as client, pytest.raises(RemoteError) as refused:
+        client.submit("chest-xray", b"not an image at all", filename="notes.txt")
+    assert refused.value.remote_http_status == 415 and refused.value.remote_code == "unsupported_media_type"
 
 
 def test_requests_sent_at_once_keep_each_entry_in_its_jobs_place(stack: Stack) -> None:
