@@ -35,6 +35,7 @@ from inferq.producers.metrics import ClusterCollector, api_metrics_registry
 from inferq.producers.readiness import consumers_per_model, served_models
 from inferq.producers.submit import JobSubmitter, Receipt, SubmitItem, SubmitOptions
 from inferq.producers.waiting import CompletionHub, is_final, prefer_wait_s, wait_for_jobs
+from inferq.protocol.bare_images import MEDIA_TYPES, OPTION_HEADERS
 from inferq.protocol.celery_config import build_celery
 from inferq.protocol.codec import TensorPayload
 from inferq.protocol.connections import Stores, stores_for
@@ -220,20 +221,11 @@ def _describe_validation(errors: Any) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-_RAW_IMAGE_TYPES = ("application/dicom", "image/png", "image/jpeg")
-
-
-# Options of a bare image body travel in headers: a query string lands in access logs and proxies' logs, and
-# an idempotency key or callback URL may carry an identifier (an accession number).
-_OPTION_HEADERS = {
-    "priority": "inferq-priority",
-    "callback_url": "inferq-callback-url",
-    "deadline_s": "inferq-deadline-s",
-}
+_RAW_IMAGE_TYPES = tuple(MEDIA_TYPES.values())
 
 
 def _header_options(request: Request) -> dict[str, Any]:
-    return {name: request.headers[header] for name, header in _OPTION_HEADERS.items() if header in request.headers}
+    return {name: request.headers[header] for name, header in OPTION_HEADERS.items() if header in request.headers}
 
 
 async def _read_raw_image(request: Request, settings: Settings) -> tuple[FileUpload, dict[str, Any]]:

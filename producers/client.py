@@ -25,6 +25,7 @@ from urllib.parse import urlencode, urlsplit
 import urllib3
 from urllib3.exceptions import HTTPError as TransportError
 
+from inferq.protocol.bare_images import MEDIA_TYPES, OPTION_HEADERS, kind_of
 from inferq.protocol.errors import RemoteError
 
 FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "expired"})
@@ -38,14 +39,6 @@ _LONGEST_POLL_S = 60.0
 # A server that answers a wait at once without a final job (an old one, without long-polling) is not hammered.
 _MIN_POLL_GAP_S = 0.2
 _BULK_MAX_BYTES = 32 * 1024 * 1024
-# Options of a bare image body travel in these headers (a query string would land in logs).
-_OPTION_HEADERS = {
-    "callback_url": "inferq-callback-url",
-    "priority": "inferq-priority",
-    "deadline_s": "inferq-deadline-s",
-}
-# DICOM Part 10: 'DICM' after a 128-byte preamble.
-_DICOM_PREFIX_OFFSET = 128
 # A form field: a plain value, or a file as (filename, bytes, content type).
 FormField = tuple[str, str | tuple[str, bytes, str]]
 
@@ -164,10 +157,11 @@ class InferqClient:
             body = {"inputs": inputs, **options}
             return _json(self._request("POST", url, json_body=body, headers=headers, wait_s=wait_s))
         data, name = _file_bytes(file, filename)  # type: ignore[arg-type]
-        media_type = _image_media_type(data)
-        if media_type is not None:
-            # A bare body, options in headers: no multipart to encode here or to parse in the API.
-            headers |= {_OPTION_HEADERS[k]: str(v) for k, v in options.items()} | {"Content-Type": media_type}
+        kind = kind_of(data)
+        if kind is not None:
+            # A bare body, options in headers: no multipart to encode here or to parse in the API, which reads
+            # the magic bytes again whatever the type says. Anything else goes as a file, for the API to refuse.
+            headers |= {OPTION_HEADERS[k]: str(v) for k, v in options.items()} | {"Content-Type": MEDIA_TYPES[kind]}
             return _json(self._request("POST", url, body=data, headers=headers, wait_s=wait_s))
         form: list[FormField] = [(k, str(v)) for k, v in options.items()]
         form.append(("file", (name, data, "application/octet-stream")))
@@ -355,18 +349,6 @@ def _file_bytes(file: str | Path | bytes, filename: str | None) -> tuple[bytes, 
         return file, filename or "upload"
     path = Path(file)
     return path.read_bytes(), filename or path.name
-
-
-def _image_media_type(data: bytes) -> str | None:
-    """The media type of a DICOM, PNG or JPEG upload by its magic bytes, else None (sent as a multipart file).
-    Only the wire format rests on it: the API reads the magic bytes again, whatever the type says."""
-    if data[_DICOM_PREFIX_OFFSET : _DICOM_PREFIX_OFFSET + 4] == b"DICM":
-        return "application/dicom"
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    return None
 
 
 def _json(response: urllib3.BaseHTTPResponse) -> dict[str, Any]:

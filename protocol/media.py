@@ -49,6 +49,7 @@ from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
+from inferq.protocol.bare_images import PNG_SIGNATURE, kind_of
 from inferq.protocol.errors import (
     ImageTooLarge,
     InferqError,
@@ -115,10 +116,6 @@ SUPPORTED_PHOTOMETRICS: dict[str, int] = {
     "YBR_ICT": 3,
 }
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_JPEG_SIGNATURE = b"\xff\xd8\xff"
-_DICOM_PREFIX = b"DICM"
-_DICOM_PREFIX_OFFSET_BYTES = 128
 _PIXEL_DATA = 0x7FE00010
 _FLOAT_PIXEL_DATA_TAGS = (0x7FE00008, 0x7FE00009)  # Float / Double Float Pixel Data: parametric maps
 _SUPPORTED_BITS_ALLOCATED = (1, 8, 16, 32)
@@ -215,15 +212,10 @@ class ImageInfo:
 
 
 def sniff(data: bytes) -> MediaKind:
-    """The kind of upload from its magic bytes; DICOM wins when 'DICM' sits at offset 128 (a preamble may be
-    another format's header, PS3.10 7.1, and is ignored)."""
-    prefix_end = _DICOM_PREFIX_OFFSET_BYTES + len(_DICOM_PREFIX)
-    if data[_DICOM_PREFIX_OFFSET_BYTES:prefix_end] == _DICOM_PREFIX:
-        return MediaKind.DICOM
-    if data.startswith(_PNG_SIGNATURE):
-        return MediaKind.PNG
-    if data.startswith(_JPEG_SIGNATURE):
-        return MediaKind.JPEG
+    """The kind of upload from its magic bytes (`bare_images.kind_of`)."""
+    kind = kind_of(data)
+    if kind is not None:
+        return MediaKind(kind)
     raise UnsupportedMedia(f"the upload ({len(data)} bytes) is not an accepted image; accepted: {ACCEPTED_MEDIA}")
 
 
@@ -340,7 +332,7 @@ def _raster_bits(data: bytes, kind: MediaKind, image: Image.Image) -> int | None
 def _png_significant_bits(data: bytes) -> int | None:
     """A PNG's sBIT value for its grey channel (PNG 11.3.3.4), which must come before the first IDAT; Pillow
     does not report it. 12-bit detector data is often written into a 16-bit PNG with sBIT 12."""
-    offset = len(_PNG_SIGNATURE)
+    offset = len(PNG_SIGNATURE)
     while offset + _PNG_CHUNK_HEADER_BYTES <= len(data):
         length = int.from_bytes(data[offset : offset + 4], "big")
         kind = data[offset + 4 : offset + 8]
