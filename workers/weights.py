@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.export.passes
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
@@ -30,7 +29,6 @@ from inferq.config.settings import Settings
 from inferq.protocol.errors import ChecksumMismatch, InferqError, ModelLoadError
 from inferq.protocol.registry import ModelSpec
 from inferq.workers.architectures import build_architecture
-from inferq.workers.export_archive import load_export_archive
 
 __all__ = [
     "ensure_generated_weights",
@@ -225,6 +223,12 @@ def _from_safetensors(spec: ModelSpec, data: bytes, device: torch.device) -> nn.
 
 
 def _from_torch_export(data: bytes, device: torch.device) -> nn.Module:
+    # Imported here: torch.export's archive code pulls in torch._dynamo, about 2.5 s of start-up for every worker
+    # node and `inferq predict`, while the bundled models are safetensors.
+    import torch.export.passes
+
+    from inferq.workers.export_archive import load_export_archive
+
     program = torch.export.passes.move_to_device_pass(load_export_archive(data), device)
     module = program.module()
     # An exported graph fixed its train/eval behaviour at export time and its module refuses `.eval()`;

@@ -5,9 +5,11 @@ host held are recovered once it is gone."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -196,6 +198,18 @@ def test_a_worker_host_cut_off_mid_run_loses_no_job(hosts: Hosts) -> None:
     assert held, held
     # Then every job succeeds: the other host drains the queue, and the jobs the cut host held (claimed, or only
     # received) come back through the reconciler once their leases lapse or their messages count as lost
-    statuses = _wait_final(hosts, job_ids, _RECOVERY_TIMEOUT_S)
-    assert set(statuses.values()) == {"succeeded"}, statuses
-    assert set(held) <= _ran_on(hosts, other_host, held)
+    try:
+        statuses = _wait_final(hosts, job_ids, _RECOVERY_TIMEOUT_S)
+        assert set(statuses.values()) == {"succeeded"}, statuses
+        assert set(held) <= _ran_on(hosts, other_host, held)
+    finally:
+        # The cut host is gone for good, as if powered off: a SIGTERM would only wait out Celery's warm shutdown
+        # against a broker it cannot reach.
+        _power_off(hosts.stacks[lost_host])
+
+
+def _power_off(stack: ServiceStack) -> None:
+    for process in stack.processes.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
