@@ -7,15 +7,18 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from inferq.producers.redis_server import EmbeddedRedis
 
 
 def test_redis_refuses_a_client_without_the_password(redis_server: EmbeddedRedis) -> None:
-    anonymous = redis.Redis(port=redis_server.port, socket_connect_timeout=2)
+    # No retries: redis-py counts a refused AUTH as a connection error and would back off for seconds first.
+    anonymous = redis.Redis(port=redis_server.port, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0))
     with pytest.raises(redis.AuthenticationError):
         anonymous.ping()
-    wrong = redis.Redis(port=redis_server.port, password="wrong", socket_connect_timeout=2)
+    wrong = redis.Redis(port=redis_server.port, password="wrong", socket_connect_timeout=2, retry=Retry(NoBackoff(), 0))
     with pytest.raises(redis.AuthenticationError):
         wrong.ping()
     assert redis.Redis.from_url(redis_server.url).ping()
