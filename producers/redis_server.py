@@ -63,6 +63,11 @@ class EmbeddedRedis:
     def url(self) -> str:
         return self.url_for(0)
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (the benchmark counts its CPU)."""
+        return self._process.pid if self._process is not None else None
+
     def url_for(self, database: int) -> str:
         return f"redis://:{self.password}@127.0.0.1:{self.port}/{database}"
 

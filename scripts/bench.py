@@ -17,7 +17,8 @@ p50 in its best configuration (one process, the thread count with the lowest p50
 every core), measured in the same minutes: before each low-load job, a reference process runs the same image
 in-process, since a shared machine's speed drifts by tens of percent between the search and the low-load phase.
 fraud: one-row jobs per second. Each row prints system/limit and system/naive; on a busy machine the ratios mean more
-than the absolute figures.
+than the absolute figures. Then the CPU per job that each part of each system spent in the saturation, fraud and bulk
+loops (worker processes, API, Redis, clients), beside what the cores offered per job.
 
     .venv/bin/python scripts/bench.py                 # everything (a few minutes on 2 cores)
     .venv/bin/python scripts/bench.py --only fraud    # one model
@@ -138,6 +139,8 @@ class Loop:
     batch_sizes: list[int] = field(default_factory=list)
     # Low load only: the in-process reference's latency, measured just before each job (the same minutes).
     reference_latencies_s: list[float] = field(default_factory=list)
+    # CPU milliseconds per job of each part of the system over the loop (`CpuMeter`), where measured.
+    cpu_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def per_s(self) -> float:
@@ -415,6 +418,49 @@ def closed_loop(session: Session, *, clients: int, jobs: int) -> Loop:
     return Loop(jobs=jobs, elapsed_s=elapsed_s, latencies_s=latencies_s)
 
 
+class CpuMeter:
+    """The CPU each part of a system spends over a loop, per job: every process of a part counted (a worker's
+    nodes are children of its command), read from /proc, and this process's own as the clients'. Where a system
+    falls short of the limit on shared cores, this says which part took the cores."""
+
+    def __init__(self, parts: dict[str, int | None]) -> None:
+        self._roots = {name: pid for name, pid in parts.items() if pid is not None}
+
+    def measure(self, run: Callable[[], Loop]) -> Loop:
+        before = self._cpu_s()
+        loop = run()
+        after = self._cpu_s()
+        loop.cpu_ms = {name: _ms(after[name] - before[name]) / loop.jobs for name in after}
+        return loop
+
+    def _cpu_s(self) -> dict[str, float]:
+        children: dict[int, list[int]] = {}
+        ticks: dict[int, int] = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # gone meanwhile
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry))
+            ticks[int(entry)] = int(fields[11]) + int(fields[12])  # utime + stime
+        per_s = os.sysconf("SC_CLK_TCK")
+        cpu = {
+            name: sum(ticks.get(pid, 0) for pid in _tree(root, children)) / per_s for name, root in self._roots.items()
+        }
+        return {**cpu, "clients": time.process_time()}
+
+
+def _tree(root: int, children: dict[int, list[int]]) -> list[int]:
+    found, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        found.append(pid)
+        stack.extend(children.get(pid, []))
+    return found
+
+
 # --- 2. the naive Celery app
 
 
@@ -453,15 +499,17 @@ def _wait_naive_ready(redis_url: str, stack: ServiceStack) -> None:
 
 
 def measure_naive(
-    models: list[str], counts: Counts, redis_url: str, samples: list[Path], tmp: Path, reference_threads: int
+    models: list[str], counts: Counts, redis: EmbeddedRedis, samples: list[Path], tmp: Path, reference_threads: int
 ) -> SystemFigures:
     from naive_celery_app import CHEST_XRAY_TASK, FRAUD_TASK
 
     figures = SystemFigures()
+    redis_url = redis.url
     env = {**os.environ, "INFERQ_REDIS_URL": redis_url, "PYTHONPATH": f"{SCRIPTS_DIR}{os.pathsep}{REPO_ROOT}"}
     stack = ServiceStack(env, tmp / "naive-logs")
     try:
-        stack.start_command("naive", [sys.executable, "-m", "celery", "-A", "naive_celery_app", "worker"])
+        worker = stack.start_command("naive", [sys.executable, "-m", "celery", "-A", "naive_celery_app", "worker"])
+        meter = CpuMeter({"workers": worker.pid, "API": None, "Redis": redis.pid})
         _wait_naive_ready(redis_url, stack)
         print(f"\nnaive Celery app: `celery -A naive_celery_app worker` (prefork, defaults); {_load()}", flush=True)
         if "chest-xray" in models:
@@ -469,14 +517,18 @@ def measure_naive(
             encoded = [base64.b64encode(data).decode("ascii") for _, data in uploads]
             session = _naive_session(redis_url, CHEST_XRAY_TASK, lambda i: [encoded[i % len(encoded)]])
             closed_loop(session, clients=counts.clients, jobs=counts.clients)  # warm up (first: model loads)
-            figures.xray_saturation = closed_loop(session, clients=counts.clients, jobs=counts.xray_jobs)
+            figures.xray_saturation = meter.measure(
+                lambda: closed_loop(session, clients=counts.clients, jobs=counts.xray_jobs)
+            )
             with reference_process(reference_threads, counts.low_load_jobs, samples, tmp / "reference.log") as ref:
                 figures.xray_low_load = low_load_loop(session, ref, jobs=counts.low_load_jobs)
         if "fraud" in models:
             rows = [job[0]["data"] for job in _fraud_inputs(counts.fraud_jobs)]
             session = _naive_session(redis_url, FRAUD_TASK, lambda i: [[rows[i]]])
             closed_loop(session, clients=counts.clients, jobs=counts.clients)
-            figures.fraud_per_job = closed_loop(session, clients=counts.clients, jobs=counts.fraud_jobs)
+            figures.fraud_per_job = meter.measure(
+                lambda: closed_loop(session, clients=counts.clients, jobs=counts.fraud_jobs)
+            )
             figures.fraud_low_load = closed_loop(session, clients=1, jobs=_fraud_low_load_jobs(counts))
     except BaseException:
         print(stack.log_of("naive")[-3000:], file=sys.stderr)
@@ -533,9 +585,10 @@ def _fraud_bulk(client: InferqClient, jobs: list[list[dict[str, Any]]]) -> Loop:
 
 
 def measure_inferq(
-    models: list[str], counts: Counts, redis_url: str, samples: list[Path], tmp: Path, reference_threads: int
+    models: list[str], counts: Counts, redis: EmbeddedRedis, samples: list[Path], tmp: Path, reference_threads: int
 ) -> SystemFigures:
     figures = SystemFigures()
+    redis_url = redis.url
     api_port = free_port()
     api_url = f"http://127.0.0.1:{api_port}"
     served = ",".join(models)
@@ -552,8 +605,9 @@ def measure_inferq(
         keys.close()
     stack = ServiceStack(env, tmp / "inferq-logs")
     try:
-        stack.start("worker", "worker", "--pool", "cpu", "--models", served)
-        stack.start("api", "api")
+        worker = stack.start("worker", "worker", "--pool", "cpu", "--models", served)
+        api = stack.start("api", "api")
+        meter = CpuMeter({"workers": worker.pid, "API": api.pid, "Redis": redis.pid})
         stack.wait_http(f"{api_url}/readyz", timeout_s=_STARTUP_TIMEOUT_S)
         print(
             f"\ninferq: `inferq api` + `inferq worker --pool cpu --models {served}` (defaults); {_load()}", flush=True
@@ -568,7 +622,7 @@ def measure_inferq(
 
             InferqSession(api_url, api_key, "chest-xray", submit_xray).loop(clients=counts.clients, jobs=counts.clients)
             session = InferqSession(api_url, api_key, "chest-xray", submit_xray)
-            figures.xray_saturation = session.loop(clients=counts.clients, jobs=counts.xray_jobs)
+            figures.xray_saturation = meter.measure(lambda: session.loop(clients=counts.clients, jobs=counts.xray_jobs))
             session = InferqSession(api_url, api_key, "chest-xray", submit_xray)
             with reference_process(reference_threads, counts.low_load_jobs, samples, tmp / "reference.log") as ref:
                 figures.xray_low_load = low_load_loop(session, ref, jobs=counts.low_load_jobs)
@@ -582,11 +636,11 @@ def measure_inferq(
 
             InferqSession(api_url, api_key, "fraud", submit_fraud).loop(clients=counts.clients, jobs=counts.clients)
             session = InferqSession(api_url, api_key, "fraud", submit_fraud)
-            figures.fraud_per_job = session.loop(clients=counts.clients, jobs=counts.fraud_jobs)
+            figures.fraud_per_job = meter.measure(lambda: session.loop(clients=counts.clients, jobs=counts.fraud_jobs))
             figures.fraud_low_load = closed_loop(session, clients=1, jobs=_fraud_low_load_jobs(counts))
             with InferqClient(api_url, api_key=api_key) as client:
                 # A bulk run lasts about a second: the median of a few says more on a noisy machine than one.
-                rounds = [_fraud_bulk(client, jobs) for _ in range(_BULK_ROUNDS)]
+                rounds = [meter.measure(lambda: _fraud_bulk(client, jobs)) for _ in range(_BULK_ROUNDS)]
                 figures.fraud_bulk = sorted(rounds, key=lambda loop: loop.per_s)[len(rounds) // 2]
     except BaseException:
         for name in ("worker", "api"):
@@ -733,6 +787,30 @@ def print_report(limits: dict[str, Limit], naive: SystemFigures, inferq: SystemF
         one, many = _percentile(single.single_latencies_s, 50), _percentile(multi.single_latencies_s, 50)
         print(f"in-process single image p50: {_ms(one):.1f} ms on 1 thread, {_ms(many):.1f} ms on {usable_cpus()}")
     print(f"low-load reference (overhead rows): one process on {_reference_threads(limits)} thread(s)")
+    _print_cpu(naive, inferq, counts)
+
+
+_CPU_PARTS = ("workers", "API", "Redis", "clients")
+
+
+def _print_cpu(naive: SystemFigures, inferq: SystemFigures, counts: Counts) -> None:
+    """Where each system's CPU went per job; `offered` is what the usable cores gave per job over the loop."""
+    print("\nCPU per job (ms; every process of each part, from /proc; offered: usable CPUs x wall time / jobs)")
+    print(f"{'row':44} {'system':7}" + "".join(f" {part:>8}" for part in (*_CPU_PARTS, "all", "offered")))
+    named = [
+        (f"chest-xray saturation, {counts.clients} clients", "xray_saturation"),
+        (f"fraud one-row jobs, {counts.clients} clients", "fraud_per_job"),
+        (f"fraud {counts.fraud_jobs} one-row jobs, bulk (median)", "fraud_bulk"),
+    ]
+    for row, attribute in named:
+        for system, figures in (("naive", naive), ("inferq", inferq)):
+            loop: Loop | None = getattr(figures, attribute)
+            if loop is None or not loop.cpu_ms:
+                continue
+            cells = [loop.cpu_ms.get(part) for part in _CPU_PARTS]
+            offered = _ms(loop.elapsed_s) * usable_cpus() / loop.jobs
+            values = [*cells, sum(c for c in cells if c is not None), offered]
+            print(f"{row:44} {system:7}" + "".join(f" {_cell(value):>8}" for value in values))
 
 
 def _reference_threads(limits: dict[str, Limit]) -> int:
@@ -799,8 +877,8 @@ def main() -> None:
         limits = {model: measure_limit(model, counts, usable, tmp / "samples", tmp) for model in models}
         with EmbeddedRedis(tmp / "redis") as redis_server:
             threads = _reference_threads(limits)
-            naive = measure_naive(models, counts, redis_server.url, samples, tmp, threads)
-            inferq = measure_inferq(models, counts, redis_server.url, samples, tmp, threads)
+            naive = measure_naive(models, counts, redis_server, samples, tmp, threads)
+            inferq = measure_inferq(models, counts, redis_server, samples, tmp, threads)
     print_report(limits, naive, inferq, counts)
     print(f"at the end: {_load()}")
     print(f"bench took {time.monotonic() - began:.0f} s")
