@@ -54,6 +54,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))  # the naive Celery app
 
 import numpy as np
 import torch
+from procfs import PPID, cpu_s, process_stats
 
 from inferq.config import Settings
 from inferq.producers.api_keys import ApiKeyStore
@@ -434,20 +435,13 @@ class CpuMeter:
         return loop
 
     def _cpu_s(self) -> dict[str, float]:
+        stats = process_stats()
         children: dict[int, list[int]] = {}
-        ticks: dict[int, int] = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:  # gone meanwhile
-                continue
-            children.setdefault(int(fields[1]), []).append(int(entry))
-            ticks[int(entry)] = int(fields[11]) + int(fields[12])  # utime + stime
-        per_s = os.sysconf("SC_CLK_TCK")
+        for pid, fields in stats.items():
+            children.setdefault(int(fields[PPID]), []).append(pid)
         cpu = {
-            name: sum(ticks.get(pid, 0) for pid in _tree(root, children)) / per_s for name, root in self._roots.items()
+            name: sum(cpu_s(stats[pid]) for pid in _tree(root, children) if pid in stats)
+            for name, root in self._roots.items()
         }
         return {**cpu, "clients": time.process_time()}
 

@@ -45,6 +45,7 @@ import httpx
 import numpy as np
 import redis
 import torch
+from procfs import PGRP, process_stats
 
 from inferq.config import Settings
 from inferq.producers.api_keys import ApiKeyStore
@@ -172,18 +173,7 @@ class Monitor:
 
 
 def _group_members(pgid: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[2]) == pgid:  # state, ppid, pgrp
-            members.append(int(entry.name))
-    return members
+    return [pid for pid, fields in process_stats().items() if int(fields[PGRP]) == pgid]
 
 
 def _socket_inodes(pid: int) -> set[int]:

@@ -5,11 +5,9 @@ host held are recovered once it is gone."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -205,11 +203,4 @@ def test_a_worker_host_cut_off_mid_run_loses_no_job(hosts: Hosts) -> None:
     finally:
         # The cut host is gone for good, as if powered off: a SIGTERM would only wait out Celery's warm shutdown
         # against a broker it cannot reach.
-        _power_off(hosts.stacks[lost_host])
-
-
-def _power_off(stack: ServiceStack) -> None:
-    for process in stack.processes.values():
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        hosts.stacks[lost_host].kill()
