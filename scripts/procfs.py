@@ -26,3 +26,19 @@ def process_stats() -> dict[int, list[str]]:
 def cpu_s(fields: list[str]) -> float:
     """A process's user + system CPU seconds so far."""
     return (int(fields[UTIME]) + int(fields[STIME])) / os.sysconf("SC_CLK_TCK")
+
+
+def host_cpu_s(cpus: set[int]) -> dict[str, float]:
+    """CPU seconds so far of the given CPUs, from /proc/stat: `busy` (user, nice, system, irq, softirq), `idle`
+    (idle and iowait) and `stolen` (taken by the hypervisor for other guests: a shared machine's hidden cost)."""
+    tick_s = 1 / os.sysconf("SC_CLK_TCK")
+    totals = {"busy": 0.0, "idle": 0.0, "stolen": 0.0}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+            continue
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in values[:8])
+        totals["busy"] += (user + nice + system + irq + softirq) * tick_s
+        totals["idle"] += (idle + iowait) * tick_s
+        totals["stolen"] += steal * tick_s
+    return totals
