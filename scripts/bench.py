@@ -26,6 +26,7 @@ idle, stolen by the hypervisor), beside what the cores offered per job.
     .venv/bin/python scripts/bench.py                 # everything (a few minutes on 2 cores)
     .venv/bin/python scripts/bench.py --only fraud    # one model
     .venv/bin/python scripts/bench.py --quick         # small counts: a smoke run
+    .venv/bin/python scripts/bench.py --pool gpu      # chest-xray on the CUDA device, in every system
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ class Counts:
     limit_images: int
     fraud_jobs: int
     quick: bool
+    # Where the models compute: "cpu", or "cuda" for the gpu pool (`--pool gpu`).
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -199,7 +202,9 @@ def _fraud_inputs(count: int) -> list[list[dict[str, Any]]]:
 # --- 1. the limit: in-process, best configuration, each candidate in fresh subprocesses
 
 
-def _candidates(model: str, usable: int, quick: bool) -> list[Candidate]:
+def _candidates(model: str, usable: int, quick: bool, device: str = "cpu") -> list[Candidate]:
+    if device == "cuda":
+        return _gpu_candidates(usable, quick)
     batches = (1, 16, 256) if model == "fraud" else (1, 4, 8)
     if quick:
         return [Candidate(1, 1, b) for b in batches[:2]]
@@ -210,13 +215,22 @@ def _candidates(model: str, usable: int, quick: bool) -> list[Candidate]:
     return found
 
 
+def _gpu_candidates(usable: int, quick: bool) -> list[Candidate]:
+    """On a GPU the forward pass is cheap and decoding is what runs out: the search spreads decoding over processes
+    (one thread each, all on the one device) and grows the batch."""
+    batches = (1, 8, 32)
+    if quick:
+        return [Candidate(1, 1, b) for b in batches[:2]]
+    return [Candidate(p, 1, b) for p in sorted({1, max(1, usable // 4), usable}) for b in batches]
+
+
 def _warm_runner(spec: dict[str, Any], *, warm_inputs: int) -> tuple[ModelRunner, list[bytes]]:
     """A child's model at `threads` torch threads, its `count` inputs as stored blobs, warmed up on the first
     `warm_inputs` of them (every decoder)."""
     torch.set_num_threads(spec["threads"])
     settings = Settings()
     model_spec = load_registry(settings.registry_path).get_model(spec["model"])
-    runner = load_runner(model_spec, settings, torch.device("cpu"))
+    runner = load_runner(model_spec, settings, torch.device(spec.get("device", "cpu")))
     if isinstance(model_spec.input, ImageInput):
         samples = [Path(spec["samples_dir"]) / name for name in SAMPLE_NAMES]
         blobs = [data for _, data in _xray_inputs(samples, spec["count"])]
@@ -250,7 +264,9 @@ def _limit_child(spec_json: str) -> None:
     print(json.dumps({"started": started, "finished": finished, "latencies_s": latencies_s}), flush=True)
 
 
-def _run_candidate(model: str, candidate: Candidate, count: int, samples_dir: Path, log: Path) -> LimitRun:
+def _run_candidate(
+    model: str, candidate: Candidate, count: int, samples_dir: Path, log: Path, device: str = "cpu"
+) -> LimitRun:
     """Start the candidate's processes, release them together once all are warm; rate over the slowest."""
     children = []
     with log.open("ab") as stderr:
@@ -263,6 +279,7 @@ def _run_candidate(model: str, candidate: Candidate, count: int, samples_dir: Pa
                 "processes": candidate.processes,
                 "count": count,
                 "samples_dir": str(samples_dir),
+                "device": device,
             }
             argv = [sys.executable, str(Path(__file__).resolve()), "--limit-child", json.dumps(spec)]
             children.append(
@@ -297,8 +314,8 @@ def measure_limit(model: str, counts: Counts, usable: int, samples_dir: Path, tm
     print(f"\nlimit search, {model}: {count} {unit} per candidate, each in fresh processes; {_load()}", flush=True)
     print(f"  {'processes':>9} {'threads':>7} {'batch':>5} {unit + '/s':>10} {'single p50 ms':>14}")
     runs = []
-    for candidate in _candidates(model, usable, counts.quick):
-        run = _run_candidate(model, candidate, count, samples_dir, tmp / "limit.log")
+    for candidate in _candidates(model, usable, counts.quick, counts.device):
+        run = _run_candidate(model, candidate, count, samples_dir, tmp / "limit.log", counts.device)
         runs.append(run)
         single = f"{_ms(_percentile(run.single_latencies_s, 50)):14.1f}" if run.single_latencies_s else ""
         print(f"  {candidate.processes:9d} {candidate.threads:7d} {candidate.batch:5d} {run.per_s:10.1f} {single}")
@@ -313,7 +330,7 @@ def measure_limit(model: str, counts: Counts, usable: int, samples_dir: Path, tm
 def recheck_limit(model: str, limit: Limit, counts: Counts, samples_dir: Path, tmp: Path, when: str) -> None:
     """Run the search's best candidate again, in fresh processes and on twice the inputs, and keep the figure."""
     count = 2 * (counts.fraud_jobs if model == "fraud" else counts.limit_images)
-    run = _run_candidate(model, limit.best.candidate, count, samples_dir, tmp / "limit.log")
+    run = _run_candidate(model, limit.best.candidate, count, samples_dir, tmp / "limit.log", counts.device)
     limit.rechecks.append(run)
     print(f"limit of {model} again, {when}: {run.per_s:.1f} per s ({count} inputs); {_load()}", flush=True)
 
@@ -338,8 +355,8 @@ class Reference:
     speed drifts by tens of percent within minutes, so the low-load overhead subtracts the reference measured beside
     each job, not the one of the limit search minutes earlier."""
 
-    def __init__(self, threads: int, count: int, samples: list[Path], log: Path) -> None:
-        spec = {"threads": threads, "count": count, "samples_dir": str(samples[0].parent)}
+    def __init__(self, threads: int, count: int, samples: list[Path], log: Path, device: str = "cpu") -> None:
+        spec = {"threads": threads, "count": count, "samples_dir": str(samples[0].parent), "device": device}
         argv = [sys.executable, str(Path(__file__).resolve()), "--reference-child", json.dumps(spec)]
         with log.open("ab") as stderr:
             self._child = subprocess.Popen(
@@ -371,8 +388,10 @@ class Reference:
 
 
 @contextmanager
-def reference_process(threads: int, count: int, samples: list[Path], log: Path) -> Iterator[Reference]:
-    reference = Reference(threads, count, samples, log)
+def reference_process(
+    threads: int, count: int, samples: list[Path], log: Path, device: str = "cpu"
+) -> Iterator[Reference]:
+    reference = Reference(threads, count, samples, log, device)
     try:
         yield reference
     finally:
@@ -521,11 +540,16 @@ def _wait_naive_ready(redis_url: str, stack: ServiceStack) -> None:
 def measure_naive(
     models: list[str], counts: Counts, redis: EmbeddedRedis, samples: list[Path], tmp: Path, reference_threads: int
 ) -> SystemFigures:
-    from naive_celery_app import CHEST_XRAY_TASK, FRAUD_TASK
+    from naive_celery_app import CHEST_XRAY_TASK, DEVICE_ENV, FRAUD_TASK
 
     figures = SystemFigures()
     redis_url = redis.url
-    env = {**os.environ, "INFERQ_REDIS_URL": redis_url, "PYTHONPATH": f"{SCRIPTS_DIR}{os.pathsep}{REPO_ROOT}"}
+    env = {
+        **os.environ,
+        "INFERQ_REDIS_URL": redis_url,
+        "PYTHONPATH": f"{SCRIPTS_DIR}{os.pathsep}{REPO_ROOT}",
+        DEVICE_ENV: counts.device,
+    }
     stack = ServiceStack(env, tmp / "naive-logs")
     try:
         worker = stack.start_command("naive", [sys.executable, "-m", "celery", "-A", "naive_celery_app", "worker"])
@@ -540,7 +564,9 @@ def measure_naive(
             figures.xray_saturation = meter.measure(
                 lambda: closed_loop(session, clients=counts.clients, jobs=counts.xray_jobs)
             )
-            with reference_process(reference_threads, counts.low_load_jobs, samples, tmp / "reference.log") as ref:
+            with reference_process(
+                reference_threads, counts.low_load_jobs, samples, tmp / "reference.log", counts.device
+            ) as ref:
                 figures.xray_low_load = low_load_loop(session, ref, jobs=counts.low_load_jobs)
         if "fraud" in models:
             rows = [job[0]["data"] for job in _fraud_inputs(counts.fraud_jobs)]
@@ -625,13 +651,13 @@ def measure_inferq(
         keys.close()
     stack = ServiceStack(env, tmp / "inferq-logs")
     try:
-        worker = stack.start("worker", "worker", "--pool", "cpu", "--models", served)
+        pool = "gpu" if counts.device == "cuda" else "cpu"
+        worker = stack.start("worker", "worker", "--pool", pool, "--models", served)
         api = stack.start("api", "api")
         meter = CpuMeter({"workers": worker.pid, "API": api.pid, "Redis": redis.pid})
         stack.wait_http(f"{api_url}/readyz", timeout_s=_STARTUP_TIMEOUT_S)
-        print(
-            f"\ninferq: `inferq api` + `inferq worker --pool cpu --models {served}` (defaults); {_load()}", flush=True
-        )
+        command = f"`inferq api` + `inferq worker --pool {pool} --models {served}`"
+        print(f"\ninferq: {command} (defaults); {_load()}", flush=True)
         if "chest-xray" in models:
             uploads = _xray_inputs(samples, max(counts.xray_jobs, counts.low_load_jobs))
 
@@ -644,7 +670,9 @@ def measure_inferq(
             session = InferqSession(api_url, api_key, "chest-xray", submit_xray)
             figures.xray_saturation = meter.measure(lambda: session.loop(clients=counts.clients, jobs=counts.xray_jobs))
             session = InferqSession(api_url, api_key, "chest-xray", submit_xray)
-            with reference_process(reference_threads, counts.low_load_jobs, samples, tmp / "reference.log") as ref:
+            with reference_process(
+                reference_threads, counts.low_load_jobs, samples, tmp / "reference.log", counts.device
+            ) as ref:
                 figures.xray_low_load = low_load_loop(session, ref, jobs=counts.low_load_jobs)
             figures.xray_low_load.batch_sizes = list(session.batch_sizes)
         if "fraud" in models:
@@ -813,7 +841,8 @@ def print_report(limits: dict[str, Limit], naive: SystemFigures, inferq: SystemF
         print(f"in-process single image p50: {_ms(one):.1f} ms on 1 thread, {_ms(many):.1f} ms on {usable_cpus()}")
     print(f"low-load reference (overhead rows): one process on {_reference_threads(limits)} thread(s)")
     _print_cpu(naive, inferq, counts)
-    _print_ceiling(limits, inferq)
+    if counts.device == "cpu":  # a GPU's limit is not the cores' to share
+        _print_ceiling(limits, inferq)
 
 
 _CPU_PARTS = ("workers", "API", "Redis", "clients")
@@ -873,26 +902,49 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", choices=MODELS, help="benchmark one model only")
     parser.add_argument("--quick", action="store_true", help="small counts and a reduced search: a smoke run")
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--xray-jobs", type=int, default=120, help="chest-xray jobs at saturation")
+    parser.add_argument("--xray-jobs", type=int, help="chest-xray jobs at saturation (default 120; gpu pool 2000)")
     parser.add_argument("--low-load-jobs", type=int, default=30, help="chest-xray jobs at low load (1 client)")
-    parser.add_argument("--limit-images", type=int, default=48, help="chest-xray images per limit candidate")
+    parser.add_argument(
+        "--limit-images", type=int, help="chest-xray images per limit candidate (default 48; gpu pool 1024)"
+    )
     parser.add_argument("--fraud-jobs", type=int, default=2000, help="fraud one-row jobs (limit, naive and inferq)")
+    parser.add_argument(
+        "--pool",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="gpu: chest-xray on the CUDA device, in every system (`inferq worker --pool gpu`)",
+    )
     parser.add_argument("--limit-child", help=argparse.SUPPRESS)
     parser.add_argument("--reference-child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def _counts(args: argparse.Namespace) -> Counts:
+    device = "cuda" if args.pool == "gpu" else "cpu"
     if args.quick:
-        return Counts(clients=4, xray_jobs=6, low_load_jobs=3, limit_images=6, fraud_jobs=40, quick=True)
+        return Counts(clients=4, xray_jobs=6, low_load_jobs=3, limit_images=6, fraud_jobs=40, quick=True, device=device)
+    # A GPU computes a film in well under a millisecond: runs of the CPU's length would end before they settle.
+    gpu = device == "cuda"
     return Counts(
         clients=args.clients,
-        xray_jobs=args.xray_jobs,
+        xray_jobs=args.xray_jobs or (2000 if gpu else 120),
         low_load_jobs=args.low_load_jobs,
-        limit_images=args.limit_images,
+        limit_images=args.limit_images or (1024 if gpu else 48),
         fraud_jobs=args.fraud_jobs,
         quick=False,
+        device=device,
     )
+
+
+def _models(args: argparse.Namespace) -> list[str]:
+    """The models to measure; the gpu pool measures the one declared for it, and only where CUDA is there."""
+    if args.pool == "cpu":
+        return [args.only] if args.only else list(MODELS)
+    if args.only == "fraud":
+        raise SystemExit("bench: fraud is a cpu-pool model; --pool gpu measures chest-xray")
+    if not torch.cuda.is_available():
+        raise SystemExit("bench: --pool gpu needs a CUDA device, and torch finds none on this host")
+    return ["chest-xray"]
 
 
 def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
@@ -911,7 +963,7 @@ def main() -> None:
         return
     began = time.monotonic()
     counts = _counts(args)
-    models = [args.only] if args.only else list(MODELS)
+    models = _models(args)
     usable = usable_cpus()
     settings = Settings()
     registry = load_registry(settings.registry_path)
@@ -920,6 +972,8 @@ def main() -> None:
     now = datetime.now(UTC).isoformat(timespec="seconds")
     print(f"inferq benchmark, {now}: {usable} usable CPU(s) (os.cpu_count {os.cpu_count()}), torch {torch.__version__}")
     print(f"{platform.platform()}; python {platform.python_version()}; counts {counts}")
+    if counts.device == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name(0)} (of {torch.cuda.device_count()} visible)")
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         samples = write_samples(tmp / "samples")

@@ -3,7 +3,8 @@
 Redis as broker and result backend, JSON, one task per job with the image itself (base64) in the message, the
 models loaded once per worker process, and Celery's defaults for everything else (prefork, one process per CPU,
 prefetch 4, early acknowledgement). It runs the same preprocessing and model as inferq (`ModelRunner`), so the
-benchmark compares the plumbing, not the maths.
+benchmark compares the plumbing, not the maths. On a GPU host (`INFERQ_BENCH_DEVICE=cuda`) each process moves the
+models to the device, as a user's `model.to("cuda")` in the same place would.
 
     INFERQ_REDIS_URL=redis://... PYTHONPATH=scripts celery -A naive_celery_app worker
 """
@@ -11,6 +12,7 @@ benchmark compares the plumbing, not the maths.
 from __future__ import annotations
 
 import base64
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,8 @@ from inferq.workers.inference import ModelRunner, load_runner
 
 CHEST_XRAY_TASK = "naive.chest_xray"
 FRAUD_TASK = "naive.fraud"
+# Where the models compute: "cpu" (the default) or "cuda".
+DEVICE_ENV = "INFERQ_BENCH_DEVICE"
 _runners: dict[str, ModelRunner] = {}
 
 
@@ -36,8 +40,9 @@ _runners: dict[str, ModelRunner] = {}
 def _load_models(**_: Any) -> None:
     settings = Settings()
     registry = load_registry(settings.registry_path)
+    device = torch.device(os.environ.get(DEVICE_ENV, "cpu"))
     for name in ("chest-xray", "fraud"):
-        _runners[name] = load_runner(registry.get_model(name), settings, torch.device("cpu"))
+        _runners[name] = load_runner(registry.get_model(name), settings, device)
 
 
 def chest_xray(image_b64: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import REPO_ROOT
 
@@ -40,6 +41,26 @@ def test_the_benchmark_runs_limit_naive_and_inferq_and_prints_their_ratios() -> 
     assert abs(used - (before + after) / 2) <= 0.1, done.stdout
     limit_cell = re.search(r"fraud one-row jobs, \d+ clients\s+jobs/s\s+([\d.]+)", done.stdout)
     assert limit_cell is not None and abs(float(limit_cell.group(1)) - used) <= 0.1, done.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a CUDA device: the gpu test below runs")
+def test_the_gpu_benchmark_says_at_once_that_it_needs_a_cuda_device() -> None:
+    argv = [sys.executable, str(REPO_ROOT / "scripts" / "bench.py"), "--pool", "gpu"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode != 0
+    assert "--pool gpu needs a CUDA device" in done.stderr, done.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_gpu_benchmark_runs_chest_xray_on_the_device_in_every_system() -> None:
+    argv = [sys.executable, str(REPO_ROOT / "scripts" / "bench.py"), "--quick", "--pool", "gpu"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"^GPU: ", done.stdout, re.MULTILINE), done.stdout
+    assert "inferq worker --pool gpu --models chest-xray" in done.stdout, done.stdout
+    number = r"\s+[\d.]+"
+    assert re.search(rf"chest-xray saturation, 4 clients\s+jobs/s{number * 6}", done.stdout), done.stdout
 
 
 def test_the_low_load_reference_runs_each_image_in_process_when_asked(tmp_path) -> None:  # type: ignore[no-untyped-def]
