@@ -540,15 +540,17 @@ def _wait_naive_ready(redis_url: str, stack: ServiceStack) -> None:
 def measure_naive(
     models: list[str], counts: Counts, redis: EmbeddedRedis, samples: list[Path], tmp: Path, reference_threads: int
 ) -> SystemFigures:
-    from naive_celery_app import CHEST_XRAY_TASK, DEVICE_ENV, FRAUD_TASK
+    from naive_celery_app import CHEST_XRAY_TASK, DEVICE_ENV, FRAUD_TASK, MODELS_ENV
 
     figures = SystemFigures()
     redis_url = redis.url
     env = {
         **os.environ,
         "INFERQ_REDIS_URL": redis_url,
-        "PYTHONPATH": f"{SCRIPTS_DIR}{os.pathsep}{REPO_ROOT}",
+        # Ahead of the caller's own path, not instead of it: a host may keep the dependencies in a folder of its own.
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(SCRIPTS_DIR), str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
         DEVICE_ENV: counts.device,
+        MODELS_ENV: ",".join(models),
     }
     stack = ServiceStack(env, tmp / "naive-logs")
     try:

@@ -29,10 +29,13 @@ from inferq.config import Settings
 from inferq.protocol.registry import load_registry
 from inferq.workers.inference import ModelRunner, load_runner
 
+CHEST_XRAY_MODEL, FRAUD_MODEL = "chest-xray", "fraud"
 CHEST_XRAY_TASK = "naive.chest_xray"
 FRAUD_TASK = "naive.fraud"
 # Where the models compute: "cpu" (the default) or "cuda".
 DEVICE_ENV = "INFERQ_BENCH_DEVICE"
+# The models each process loads, comma-separated (default: both).
+MODELS_ENV = "INFERQ_BENCH_MODELS"
 _runners: dict[str, ModelRunner] = {}
 
 
@@ -41,16 +44,16 @@ def _load_models(**_: Any) -> None:
     settings = Settings()
     registry = load_registry(settings.registry_path)
     device = torch.device(os.environ.get(DEVICE_ENV, "cpu"))
-    for name in ("chest-xray", "fraud"):
+    for name in os.environ.get(MODELS_ENV, f"{CHEST_XRAY_MODEL},{FRAUD_MODEL}").split(","):
         _runners[name] = load_runner(registry.get_model(name), settings, device)
 
 
 def chest_xray(image_b64: str) -> dict[str, Any]:
-    return _runners["chest-xray"].run(base64.b64decode(image_b64))
+    return _runners[CHEST_XRAY_MODEL].run(base64.b64decode(image_b64))
 
 
 def fraud(rows: list[list[float]]) -> list[list[float]]:
-    return _runners["fraud"].infer(np.asarray(rows, dtype=np.float32)).tolist()
+    return _runners[FRAUD_MODEL].infer(np.asarray(rows, dtype=np.float32)).tolist()
 
 
 def create_app(redis_url: str) -> Celery:
