@@ -99,6 +99,8 @@ class Counts:
     quick: bool
     # Where the models compute: "cpu", or "cuda" for the gpu pool (`--pool gpu`).
     device: str = "cpu"
+    # inferq decodes chest-xray in a stage of its own, on CPU workers (`--two-stages`; always with the gpu pool).
+    two_stages: bool = False
 
 
 @dataclass(frozen=True)
@@ -465,8 +467,8 @@ class CpuMeter:
     nodes are children of its command), read from /proc, and this process's own as the clients'. Where a system
     falls short of the limit on shared cores, this says which part took the cores."""
 
-    def __init__(self, parts: dict[str, int | None]) -> None:
-        self._roots = {name: pid for name, pid in parts.items() if pid is not None}
+    def __init__(self, parts: dict[str, list[int]]) -> None:
+        self._roots = {name: pids for name, pids in parts.items() if pids}
 
     def measure(self, run: Callable[[], Loop]) -> Loop:
         before, host_before = self._cpu_s(), host_cpu_s(os.sched_getaffinity(0))
@@ -485,8 +487,8 @@ class CpuMeter:
         for pid, fields in stats.items():
             children.setdefault(int(fields[PPID]), []).append(pid)
         cpu = {
-            name: sum(cpu_s(stats[pid]) for pid in _tree(root, children) if pid in stats)
-            for name, root in self._roots.items()
+            name: sum(cpu_s(stats[pid]) for root in roots for pid in _tree(root, children) if pid in stats)
+            for name, roots in self._roots.items()
         }
         return {**cpu, "clients": time.process_time()}
 
@@ -555,7 +557,7 @@ def measure_naive(
     stack = ServiceStack(env, tmp / "naive-logs")
     try:
         worker = stack.start_command("naive", [sys.executable, "-m", "celery", "-A", "naive_celery_app", "worker"])
-        meter = CpuMeter({"workers": worker.pid, "API": None, "Redis": redis.pid})
+        meter = CpuMeter({"workers": [worker.pid], "API": [], "Redis": [redis.pid]})
         _wait_naive_ready(redis_url, stack)
         print(f"\nnaive Celery app: `celery -A naive_celery_app worker` (prefork, defaults); {_load()}", flush=True)
         if "chest-xray" in models:
@@ -618,6 +620,20 @@ class InferqSession:
         return loop
 
 
+def _two_stage_registry(tmp: Path) -> Path:
+    """The registry with chest-xray decoded in a stage of its own (`preprocess = "separate"`), as the README
+    tells a GPU host to run it."""
+    text = Settings().registry_path.read_text()
+    header = "[models.chest-xray]\n"
+    if header not in text:
+        raise RuntimeError(f"the registry has no {header.strip()} table to split into two stages")
+    path = tmp / "models-two-stages.toml"
+    path.write_text(text.replace(header, header + 'preprocess = "separate"\n', 1))
+    if load_registry(path).get_model("chest-xray").prep_queue_name is None:
+        raise RuntimeError("chest-xray did not get a decoding stage of its own")
+    return path
+
+
 def _fraud_bulk(client: InferqClient, jobs: list[list[dict[str, Any]]]) -> Loop:
     started = time.perf_counter()
     entries = client.submit_many("fraud", inputs=jobs)
@@ -646,6 +662,10 @@ def measure_inferq(
         "INFERQ_API_PORT": str(api_port),
         "INFERQ_SERVED_MODELS": served,
     }
+    pool = "gpu" if counts.device == "cuda" else "cpu"
+    two_stages = counts.two_stages and "chest-xray" in models  # fraud has no decoding to split off
+    if two_stages:
+        env["INFERQ_REGISTRY_PATH"] = str(_two_stage_registry(tmp))
     keys = redis_client(redis_url, decode=True)
     try:
         api_key = ApiKeyStore(keys).create("bench", frozenset({"submit", "read"})).key
@@ -653,12 +673,21 @@ def measure_inferq(
         keys.close()
     stack = ServiceStack(env, tmp / "inferq-logs")
     try:
-        pool = "gpu" if counts.device == "cuda" else "cpu"
-        worker = stack.start("worker", "worker", "--pool", pool, "--models", served)
+        if two_stages:  # the README's GPU host: CPU workers decode, the model's workers batch and compute
+            workers = [
+                stack.start("worker", "worker", "--pool", pool, "--models", served, "--stage", "model"),
+                stack.start("prep", "worker", "--pool", "cpu", "--models", served, "--stage", "prep"),
+            ]
+            command = (
+                f"`inferq api` + `inferq worker --pool {pool} --models {served} --stage model` + `inferq worker"
+                f' --pool cpu --models {served} --stage prep`, {served} with preprocess = "separate"'
+            )
+        else:
+            workers = [stack.start("worker", "worker", "--pool", pool, "--models", served)]
+            command = f"`inferq api` + `inferq worker --pool {pool} --models {served}`"
         api = stack.start("api", "api")
-        meter = CpuMeter({"workers": worker.pid, "API": api.pid, "Redis": redis.pid})
+        meter = CpuMeter({"workers": [w.pid for w in workers], "API": [api.pid], "Redis": [redis.pid]})
         stack.wait_http(f"{api_url}/readyz", timeout_s=_STARTUP_TIMEOUT_S)
-        command = f"`inferq api` + `inferq worker --pool {pool} --models {served}`"
         print(f"\ninferq: {command} (defaults); {_load()}", flush=True)
         if "chest-xray" in models:
             uploads = _xray_inputs(samples, max(counts.xray_jobs, counts.low_load_jobs))
@@ -693,7 +722,7 @@ def measure_inferq(
                 rounds = [meter.measure(lambda: _fraud_bulk(client, jobs)) for _ in range(_BULK_ROUNDS)]
                 figures.fraud_bulk = sorted(rounds, key=lambda loop: loop.per_s)[len(rounds) // 2]
     except BaseException:
-        for name in ("worker", "api"):
+        for name in ("worker", "prep", "api") if two_stages else ("worker", "api"):
             print(f"--- {name} log (tail)\n{stack.log_of(name)[-3000:]}", file=sys.stderr)
         raise
     finally:
@@ -911,6 +940,11 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--fraud-jobs", type=int, default=2000, help="fraud one-row jobs (limit, naive and inferq)")
     parser.add_argument(
+        "--two-stages",
+        action="store_true",
+        help="inferq decodes chest-xray on CPU workers of its own (preprocess = separate); always with --pool gpu",
+    )
+    parser.add_argument(
         "--pool",
         choices=("cpu", "gpu"),
         default="cpu",
@@ -923,8 +957,18 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _counts(args: argparse.Namespace) -> Counts:
     device = "cuda" if args.pool == "gpu" else "cpu"
+    two_stages = args.two_stages or device == "cuda"
     if args.quick:
-        return Counts(clients=4, xray_jobs=6, low_load_jobs=3, limit_images=6, fraud_jobs=40, quick=True, device=device)
+        return Counts(
+            clients=4,
+            xray_jobs=6,
+            low_load_jobs=3,
+            limit_images=6,
+            fraud_jobs=40,
+            quick=True,
+            device=device,
+            two_stages=two_stages,
+        )
     # A GPU computes a film in well under a millisecond: runs of the CPU's length would end before they settle.
     gpu = device == "cuda"
     return Counts(
@@ -935,6 +979,7 @@ def _counts(args: argparse.Namespace) -> Counts:
         fraud_jobs=args.fraud_jobs,
         quick=False,
         device=device,
+        two_stages=two_stages,
     )
 
 

@@ -43,6 +43,17 @@ def test_the_benchmark_runs_limit_naive_and_inferq_and_prints_their_ratios() -> 
     assert limit_cell is not None and abs(float(limit_cell.group(1)) - used) <= 0.1, done.stdout
 
 
+def test_the_benchmark_runs_inferq_in_two_stages_as_on_a_gpu_host() -> None:
+    # What --pool gpu runs on a device: CPU workers decode on chest-xray.prep, the model's workers compute. Here
+    # both stages run on the CPU, so that the GPU benchmark's own path is exercised where there is no device.
+    argv = [sys.executable, str(REPO_ROOT / "scripts" / "bench.py"), "--quick", "--only", "chest-xray", "--two-stages"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "--stage model` + `inferq worker --pool cpu --models chest-xray --stage prep`" in done.stdout, done.stdout
+    number = r"\s+[\d.]+"
+    assert re.search(rf"chest-xray saturation, 4 clients\s+inferq{number * 9}", done.stdout), done.stdout
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a CUDA device: the gpu test below runs")
 def test_the_gpu_benchmark_says_at_once_that_it_needs_a_cuda_device() -> None:
     argv = [sys.executable, str(REPO_ROOT / "scripts" / "bench.py"), "--pool", "gpu"]
