@@ -117,8 +117,10 @@ class LimitRun:
     single_latencies_s: list[float]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Limit:
+    """A model's limit search, then its best candidate's reruns (appended as they run)."""
+
     runs: list[LimitRun]
     # The best candidate run again, just before the system under test and just after it (`recheck_limit`).
     rechecks: list[LimitRun] = field(default_factory=list)
