@@ -206,7 +206,7 @@ def _fraud_inputs(count: int) -> list[list[dict[str, Any]]]:
 # --- 1. the limit: in-process, best configuration, each candidate in fresh subprocesses
 
 
-def _candidates(model: str, usable: int, quick: bool, device: str = "cpu") -> list[Candidate]:
+def _candidates(model: str, usable: int, quick: bool, device: str) -> list[Candidate]:
     if device == "cuda":
         return _gpu_candidates(usable, quick)
     batches = (1, 16, 256) if model == "fraud" else (1, 4, 8)
@@ -268,9 +268,7 @@ def _limit_child(spec_json: str) -> None:
     print(json.dumps({"started": started, "finished": finished, "latencies_s": latencies_s}), flush=True)
 
 
-def _run_candidate(
-    model: str, candidate: Candidate, count: int, samples_dir: Path, log: Path, device: str = "cpu"
-) -> LimitRun:
+def _run_candidate(model: str, candidate: Candidate, count: int, samples_dir: Path, log: Path, device: str) -> LimitRun:
     """Start the candidate's processes, release them together once all are warm; rate over the slowest."""
     children = []
     with log.open("ab") as stderr:
@@ -682,15 +680,16 @@ def measure_inferq(
             ]
             command = (
                 f"`inferq api` + `inferq worker --pool {pool} --models {served} --stage model` + `inferq worker"
-                f' --pool cpu --models {served} --stage prep`, {served} with preprocess = "separate"'
+                f" --pool cpu --models {served} --stage prep` (defaults otherwise), {served} with preprocess ="
+                ' "separate"'
             )
         else:
             workers = [stack.start("worker", "worker", "--pool", pool, "--models", served)]
-            command = f"`inferq api` + `inferq worker --pool {pool} --models {served}`"
+            command = f"`inferq api` + `inferq worker --pool {pool} --models {served}` (defaults)"
         api = stack.start("api", "api")
         meter = CpuMeter({"workers": [w.pid for w in workers], "API": [api.pid], "Redis": [redis.pid]})
         stack.wait_http(f"{api_url}/readyz", timeout_s=_STARTUP_TIMEOUT_S)
-        print(f"\ninferq: {command} (defaults); {_load()}", flush=True)
+        print(f"\ninferq: {command}; {_load()}", flush=True)
         if "chest-xray" in models:
             uploads = _xray_inputs(samples, max(counts.xray_jobs, counts.low_load_jobs))
 
