@@ -31,7 +31,7 @@ from inferq.producers.api_keys import ApiKeyStore
 from inferq.producers.auth import Reader, Submitter, require_own_job
 from inferq.producers.bodies import check_declared_length, parse_json, read_body, read_multipart
 from inferq.producers.bulk import JobsQuery, outcomes_of, read_file_items, read_json_body, read_tensor_items
-from inferq.producers.metrics import ClusterCollector, api_metrics_registry
+from inferq.producers.metrics import ApiProcessCollector, ClusterCollector, api_metrics_registry
 from inferq.producers.readiness import consumers_per_model, served_models
 from inferq.producers.submit import JobSubmitter, Receipt, SubmitItem, SubmitOptions
 from inferq.producers.waiting import CompletionHub, is_final, prefer_wait_s, wait_for_jobs
@@ -492,8 +492,8 @@ def _register_health_routes(app: FastAPI, state: ApiState) -> None:
 def _register_metrics_route(app: FastAPI, state: ApiState) -> None:
     # Open like the health probes, so that Prometheus scrapes it without a key: it carries models, queues, statuses,
     # error codes and counts, never a job id, a tenant or anything from an upload. Keep it off the public network.
-    collector = ClusterCollector(state.stores.text, state.registry, state.stores.jobs)
-    registry = api_metrics_registry(collector)
+    cluster = ClusterCollector(state.stores.text, state.registry, state.stores.jobs)
+    registry = api_metrics_registry(cluster, ApiProcessCollector(lambda: state.hub.waiting))
 
     @app.get("/metrics", summary="Prometheus metrics of the cluster (no authentication, nothing sensitive)")
     def metrics() -> Response:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import redis
@@ -163,10 +163,27 @@ def _per_queue(views: list[QueueView]) -> list[Metric]:
     return [processes, slots]
 
 
-def api_metrics_registry(collector: ClusterCollector) -> CollectorRegistry:
-    """The API's own registry: the cluster view only (the process's default registry is left out)."""
+class ApiProcessCollector(Collector):
+    """What this API process itself holds, unlike the cluster view every replica reports alike: sum it over the
+    replicas (Prometheus's `instance` label tells them apart)."""
+
+    def __init__(self, waiting: Callable[[], int]) -> None:
+        self._waiting = waiting
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "inferq_api_waiting_requests",
+            "Requests this API process holds while they wait for jobs to end (wait_s, Prefer: wait).",
+            value=self._waiting(),
+        )
+
+
+def api_metrics_registry(*collectors: Collector) -> CollectorRegistry:
+    """The API's own registry: the cluster view and the process's own gauges (prometheus-client's default registry,
+    with its Python and process collectors, is left out)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
+    for collector in collectors:
+        registry.register(collector)
     return registry
 
 

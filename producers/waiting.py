@@ -73,6 +73,8 @@ class CompletionHub:
         self._watches: dict[str, set[Watch]] = {}
         self._task: asyncio.Task[None] | None = None
         self.subscribed = False
+        # Requests waiting now, for the API's metrics: parked requests cost no CPU, but each holds a connection.
+        self.waiting = 0
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._listen_forever(), name="inferq-completion-hub")
@@ -89,9 +91,11 @@ class CompletionHub:
         watch = Watch(job_ids)
         for job_id in watch.job_ids:
             self._watches.setdefault(job_id, set()).add(watch)
+        self.waiting += 1
         try:
             yield watch
         finally:
+            self.waiting -= 1
             for job_id in watch.job_ids:
                 watchers = self._watches.get(job_id)
                 if watchers is not None:

@@ -90,6 +90,19 @@ def test_the_low_load_reference_runs_each_image_in_process_when_asked(tmp_path) 
     assert all(0.005 < s < 60 for s in seconds), seconds
 
 
+def test_the_waiting_benchmark_parks_clients_and_shows_what_polling_would_cost() -> None:
+    argv = [sys.executable, str(REPO_ROOT / "scripts" / "bench_waiting.py"), "--quick", "--waiters", "50"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    number = r"\s+[\d.]+"
+    assert re.search(rf"^  alone{number}\s+1\.00{number * 4}\s+-$", done.stdout, re.MULTILINE), done.stdout
+    assert re.search(rf"^  50 clients long-polling{number * 7}$", done.stdout, re.MULTILINE), done.stdout
+    # Commands, not speed: parked long-polls send Redis nothing, 50 clients polling every second about 50 a second.
+    quiet = dict(re.findall(r"^  (50 clients \w[\w -]*?)\s+(-?\d+)   API", done.stdout, re.MULTILINE))
+    assert int(quiet["50 clients long-polling"]) < 10, done.stdout
+    assert int(quiet["50 clients polling every 1 s"]) > 25, done.stdout
+
+
 def test_the_job_profile_times_an_image_job_step_by_step() -> None:
     # The closing notes' profile of where a job's milliseconds go comes from this script: it must keep running.
     argv = [

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -25,6 +27,8 @@ from tests.integration.conftest import Stack
 
 pytestmark = pytest.mark.slow
 _JOB_TIMEOUT_S = 300.0
+_WAITERS = 200
+_QUIET_S = 2.0
 
 
 def test_get_with_wait_s_answers_with_the_finished_job(stack: Stack) -> None:
@@ -65,6 +69,69 @@ def test_a_waiting_request_is_woken_when_its_job_ends(stack: Stack) -> None:
     # Then the request answers with the final state, long before its wait was up
     assert answer["job"]["status"] == "cancelled"
     assert answer["waited_s"] < 45
+
+
+def test_many_waiting_requests_cost_redis_nothing_until_their_jobs_end(stack: Stack) -> None:
+    # Given 200 jobs that no worker takes, each waited for by a request of its own, all parked in the API
+    with stack.client() as client:
+        entries = client.submit_many("fraud-idle", inputs=[fraud_example(rows=1)] * _WAITERS)
+    job_ids = [entry["job_id"] for entry in entries]
+    already_waiting = _waiting_requests(stack)
+    baseline = _redis_commands_over(stack, _QUIET_S)
+    answers: list[tuple[str, float]] = []
+    waiters = threading.Thread(target=lambda: answers.extend(asyncio.run(_wait_for_each(stack, job_ids))))
+    waiters.start()
+    _until(lambda: _waiting_requests(stack) == already_waiting + _WAITERS)
+    # When nothing happens to their jobs for a while, the waiting requests send Redis nothing (a poll every second
+    # would be 400 commands here; the stack's own heartbeats and broker polls are the baseline)
+    parked = _redis_commands_over(stack, _QUIET_S)
+    assert parked - baseline < _WAITERS // 4, (baseline, parked)
+    # When the jobs end (cancelled), every request answers with the final state, long before its wait is up
+    ended_at = time.monotonic()
+    with httpx.Client(base_url=stack.api_url, headers=stack.auth, timeout=30) as http:
+        for job_id in job_ids:
+            assert http.delete(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
+    waiters.join(timeout=120)
+    assert [status for status, _ in answers] == ["cancelled"] * _WAITERS
+    assert all(ended_at < answered_at < ended_at + 45 for _, answered_at in answers)
+    assert _waiting_requests(stack) == already_waiting
+
+
+async def _wait_for_each(stack: Stack, job_ids: list[str]) -> list[tuple[str, float]]:
+    """Each job waited for by a GET of its own (wait_s=60), all at once; each answer's status and when it came."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=stack.api_url, headers=stack.auth, timeout=90, limits=limits) as http:
+
+        async def wait(job_id: str) -> tuple[str, float]:
+            job = (await http.get(f"/v1/jobs/{job_id}", params={"wait_s": 60})).json()
+            return str(job["status"]), time.monotonic()
+
+        return list(await asyncio.gather(*(wait(job_id) for job_id in job_ids)))
+
+
+def _waiting_requests(stack: Stack) -> int:
+    """The API's `inferq_api_waiting_requests` gauge."""
+    text = httpx.get(f"{stack.api_url}/metrics", timeout=30).text
+    [line] = [line for line in text.splitlines() if line.startswith("inferq_api_waiting_requests ")]
+    return int(float(line.split()[1]))
+
+
+def _redis_commands_over(stack: Stack, seconds: float) -> int:
+    """Commands Redis processed in the next `seconds` (INFO's own two calls left out)."""
+    client = redis_client(stack.redis_url, decode=True)
+    try:
+        before = int(client.info("stats")["total_commands_processed"])
+        time.sleep(seconds)
+        return int(client.info("stats")["total_commands_processed"]) - before - 1
+    finally:
+        client.close()
+
+
+def _until(condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
 
 
 def test_get_with_a_negative_wait_is_a_422(stack: Stack) -> None:
