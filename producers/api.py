@@ -8,6 +8,7 @@ Every route but the health probes needs an API key (`producers.auth`); bodies ar
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import logging
 from contextlib import asynccontextmanager
@@ -209,6 +210,14 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error_response(exc.status_code, {"code": code, "message": str(exc.detail), "retryable": False})
+
+    @app.exception_handler(OSError)
+    async def _os_error(request: Request, exc: OSError) -> JSONResponse:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            return await _unexpected(request, exc)
+        log.warning("out of open files while handling a request; answered 503")
+        overloaded = Overloaded("the service is short of open files; send the request again")
+        return _error_response(503, overloaded.to_dict(), _retry_after(overloaded, settings))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

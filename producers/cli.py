@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import sys
 import time
@@ -218,11 +219,15 @@ def api(host: str | None, port: int | None) -> None:
 
     from inferq.producers.access_log import configure_access_log
     from inferq.producers.api import create_app
+    from inferq.producers.open_files import raise_open_files_limit
     from inferq.protocol.logs import configure_logging
 
     settings = _settings(api_host=host, api_port=port)
     configure_logging(settings)
     configure_access_log(settings.access_log_path)
+    # Each waiting client holds a connection: a soft limit of 1,024 open files would cap them far below the hard one.
+    open_files = raise_open_files_limit()
+    logging.getLogger(__name__).info("open-file limit: %s", open_files or "unlimited")
     # uvicorn's own access log prints query strings; inferq's (producers.access_log) never does. Its other loggers
     # are left unconfigured (log_config=None) so that their lines reach the root handler, in inferq's format.
     uvicorn.run(

@@ -25,7 +25,8 @@
     │   ├── WorkerLost               503 worker_lost (the worker running the job died; the job runs again)
     │   ├── QueueFull                429 queue_full (the model's queue is at max_queue_depth)
     │   ├── NoConsumer               503 no_consumer (no live worker consumes a served model's queue: /readyz)
-    │   └── Overloaded               503 overloaded (out of memory for this request now; send it again later)
+    │   └── Overloaded               503 overloaded (out of memory or open files for this request now; send it
+    │                                again later)
     ├── ModelError                   the model could not answer: job `failed`
     │   ├── ModelLoadError           500 model_load_error (also a worker that refuses to start)
     │   │   └── ChecksumMismatch     500 checksum_mismatch
@@ -271,7 +272,8 @@ class ClientDisconnected(ClientError):
 
 
 class Overloaded(TransientError):
-    """The service ran out of memory for this request (e.g. many large uploads at once); it may fit later."""
+    """The service ran out of memory or open files for this request (many large uploads, many connections at
+    once); it may fit later."""
 
     code = "overloaded"
 
