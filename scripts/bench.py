@@ -620,6 +620,25 @@ class InferqSession:
         return loop
 
 
+def xray_job(uploads: list[tuple[str, bytes]]) -> Callable[[InferqClient, int], dict[str, Any]]:
+    """The hospital's way to run job `index`: upload, then long-poll the job's status."""
+
+    def run(client: InferqClient, index: int) -> dict[str, Any]:
+        name, data = uploads[index % len(uploads)]
+        return client.result(client.submit("chest-xray", data, filename=name), wait_s=_JOB_WAIT_S)
+
+    return run
+
+
+def fraud_job(inputs: list[list[dict[str, Any]]]) -> Callable[[InferqClient, int], dict[str, Any]]:
+    """The bank's way to run job `index`: one synchronous call (`Prefer: wait`) that answers with the scored job."""
+
+    def run(client: InferqClient, index: int) -> dict[str, Any]:
+        return client.submit_and_wait("fraud", inputs=inputs[index], wait_s=_JOB_WAIT_S)
+
+    return run
+
+
 def _two_stage_registry(tmp: Path) -> Path:
     """The registry with chest-xray decoded in a stage of its own (`preprocess = "separate"`), as the README
     tells a GPU host to run it."""
@@ -693,11 +712,7 @@ def measure_inferq(
         if "chest-xray" in models:
             uploads = _xray_inputs(samples, max(counts.xray_jobs, counts.low_load_jobs))
 
-            def submit_xray(client: InferqClient, index: int) -> dict[str, Any]:
-                # The hospital's way: upload, then long-poll the job's status.
-                name, data = uploads[index % len(uploads)]
-                return client.result(client.submit("chest-xray", data, filename=name), wait_s=_JOB_WAIT_S)
-
+            submit_xray = xray_job(uploads)
             InferqSession(api_url, api_key, "chest-xray", submit_xray).loop(clients=counts.clients, jobs=counts.clients)
             session = InferqSession(api_url, api_key, "chest-xray", submit_xray)
             figures.xray_saturation = meter.measure(lambda: session.loop(clients=counts.clients, jobs=counts.xray_jobs))
@@ -710,10 +725,7 @@ def measure_inferq(
         if "fraud" in models:
             jobs = _fraud_inputs(counts.fraud_jobs)
 
-            def submit_fraud(client: InferqClient, index: int) -> dict[str, Any]:
-                # The bank's way: one synchronous call (`Prefer: wait`) that answers with the scored job.
-                return client.submit_and_wait("fraud", inputs=jobs[index], wait_s=_JOB_WAIT_S)
-
+            submit_fraud = fraud_job(jobs)
             InferqSession(api_url, api_key, "fraud", submit_fraud).loop(clients=counts.clients, jobs=counts.clients)
             session = InferqSession(api_url, api_key, "fraud", submit_fraud)
             figures.fraud_per_job = meter.measure(lambda: session.loop(clients=counts.clients, jobs=counts.fraud_jobs))

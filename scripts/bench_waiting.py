@@ -43,7 +43,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 # The script runs from a checkout without the project installed as well: put the repo root first.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -231,20 +230,12 @@ class Rig:
         return [str(entry["job_id"]) for entry in entries]
 
     def load(self) -> bench.InferqSession:
+        """`bench.py`'s load on inferq: 16 client threads, each running one job after another as the README says."""
         if self.plan.model == "fraud":
-            inputs = bench._fraud_inputs(self.plan.jobs)
-
-            def run_fraud(client: InferqClient, index: int) -> dict[str, Any]:
-                return client.submit_and_wait("fraud", inputs=inputs[index], wait_s=bench._JOB_WAIT_S)
-
-            return bench.InferqSession(self.api_url, self.api_key, "fraud", run_fraud)
-        uploads = bench._xray_inputs(self.samples, self.plan.jobs)
-
-        def run_xray(client: InferqClient, index: int) -> dict[str, Any]:
-            name, data = uploads[index % len(uploads)]
-            return client.result(client.submit("chest-xray", data, filename=name), wait_s=bench._JOB_WAIT_S)
-
-        return bench.InferqSession(self.api_url, self.api_key, "chest-xray", run_xray)
+            run_job = bench.fraud_job(bench._fraud_inputs(self.plan.jobs))
+        else:
+            run_job = bench.xray_job(bench._xray_inputs(self.samples, self.plan.jobs))
+        return bench.InferqSession(self.api_url, self.api_key, self.plan.model, run_job)
 
     def run_load(self, parts: dict[str, list[int]], jobs: int) -> bench.Loop:
         session = self.load()
