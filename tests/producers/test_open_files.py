@@ -100,7 +100,8 @@ def test_clients_beyond_what_the_open_files_allow_are_turned_away_without_a_500(
     # where the API ran out of files mid-request, or a connection closed at once; never a 500 (the fixture also
     # checks that the API logged nothing unexpected)
     counts = Counter(answers)
-    assert counts["queued"] > 0 and set(counts) <= {"queued", "503", "RemoteProtocolError", "ReadError"}, counts
+    refused = {answer for answer in counts if answer.startswith("connection closed")} | {"503"}
+    assert counts["queued"] > 0 and set(counts) <= {"queued"} | refused, counts
     # And once they are gone, the API serves as before
     with limited_api.http() as http:
         assert http.post("/v1/models/fraud/jobs", json={"inputs": fraud_inputs()}).status_code == 202
@@ -117,7 +118,7 @@ async def _wait_for_each(api: LimitedApi, job_ids: list[str]) -> list[str]:
             try:
                 response = await http.get(f"/v1/jobs/{job_id}", params={"wait_s": _WAIT_S})
             except httpx.TransportError as e:
-                return type(e).__name__
+                return f"connection closed ({type(e).__name__})"
             if response.status_code == 503:
                 assert response.headers["Retry-After"] and response.json()["error"]["retryable"]
             return str(response.json()["status"]) if response.status_code == 200 else str(response.status_code)
