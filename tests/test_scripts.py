@@ -97,9 +97,10 @@ def test_the_waiting_benchmark_parks_clients_and_shows_what_polling_would_cost()
     number = r"\s+[\d.]+"
     assert re.search(rf"^  alone{number}\s+1\.00{number * 4}\s+-$", done.stdout, re.MULTILINE), done.stdout
     assert re.search(rf"^  50 clients long-polling{number * 7}$", done.stdout, re.MULTILINE), done.stdout
-    # Commands, not speed: parked long-polls send Redis nothing, 50 clients polling every second about 50 a second.
+    # Commands, not speed: parked long-polls send Redis nothing (beyond the idle stack's heartbeats, which vary), 50
+    # clients polling every second 75-150 a second (a poll costs 1.5-3 commands).
     quiet = dict(re.findall(r"^  (50 clients \w[\w -]*?)\s+(-?\d+)   API", done.stdout, re.MULTILINE))
-    assert int(quiet["50 clients long-polling"]) < 10, done.stdout
+    assert int(quiet["50 clients long-polling"]) < 20, done.stdout  # a poll every 2 s would be 40-75
     assert int(quiet["50 clients polling every 1 s"]) > 25, done.stdout
 
 
