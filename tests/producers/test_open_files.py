@@ -1,6 +1,6 @@
 """Many waiting clients against the API's open-file limit: `inferq api` raises its soft limit to the hard one, and
-where even that is too few, a client turned away meets a 503 (or a closed connection), never a 500, retries, and in
-the end every client gets its answer."""
+where even that is too few, a client turned away meets a 503 with Retry-After (or a closed connection), never a 500,
+and the API serves on once they are gone."""
 
 from __future__ import annotations
 
