@@ -58,7 +58,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))  # the naive Celery app
 
 import numpy as np
 import torch
-from procfs import PPID, cpu_s, host_cpu_s, process_stats
+from procfs import cpu_s_by_part, host_cpu_s
 
 from inferq.config import Settings
 from inferq.producers.api_keys import ApiKeyStore
@@ -482,24 +482,7 @@ class CpuMeter:
         return loop
 
     def _cpu_s(self) -> dict[str, float]:
-        stats = process_stats()
-        children: dict[int, list[int]] = {}
-        for pid, fields in stats.items():
-            children.setdefault(int(fields[PPID]), []).append(pid)
-        cpu = {
-            name: sum(cpu_s(stats[pid]) for root in roots for pid in _tree(root, children) if pid in stats)
-            for name, roots in self._roots.items()
-        }
-        return {**cpu, "clients": time.process_time()}
-
-
-def _tree(root: int, children: dict[int, list[int]]) -> list[int]:
-    found, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        found.append(pid)
-        stack.extend(children.get(pid, []))
-    return found
+        return {**cpu_s_by_part(self._roots), "clients": time.process_time()}
 
 
 # --- 2. the naive Celery app

@@ -48,7 +48,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench
-from procfs import PPID, cpu_s, process_stats
+from procfs import cpu_s_by_part
 
 from inferq.config import Settings
 from inferq.producers.api_keys import ApiKeyStore
@@ -169,23 +169,11 @@ def _redis_commands(url: str) -> int:
         client.close()
 
 
-def _cpu_by_part(parts: dict[str, list[int]]) -> dict[str, float]:
-    """CPU seconds so far of each part, its processes' children counted (a worker's nodes are its children)."""
-    stats = process_stats()
-    children: dict[int, list[int]] = {}
-    for pid, fields in stats.items():
-        children.setdefault(int(fields[PPID]), []).append(pid)
-    return {
-        name: sum(cpu_s(stats[pid]) for root in roots for pid in bench._tree(root, children) if pid in stats)
-        for name, roots in parts.items()
-    }
-
-
 def quiet_window(redis_url: str, parts: dict[str, list[int]], seconds: float) -> tuple[float, dict[str, float]]:
     """Redis commands per second and CPU percent (of one core) by part over `seconds` of no load."""
-    commands, cpu = _redis_commands(redis_url), _cpu_by_part(parts)
+    commands, cpu = _redis_commands(redis_url), cpu_s_by_part(parts)
     time.sleep(seconds)
-    commands_after, cpu_after = _redis_commands(redis_url), _cpu_by_part(parts)
+    commands_after, cpu_after = _redis_commands(redis_url), cpu_s_by_part(parts)
     # The INFO call that ends the window counts itself.
     per_s = (commands_after - commands - 1) / seconds
     return per_s, {name: 100.0 * (cpu_after[name] - cpu[name]) / seconds for name in cpu}

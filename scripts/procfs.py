@@ -28,6 +28,28 @@ def cpu_s(fields: list[str]) -> float:
     return (int(fields[UTIME]) + int(fields[STIME])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_s_by_part(parts: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds so far of each part: its processes and all their descendants (a worker's nodes are its children,
+    which /proc counts apart from it)."""
+    stats = process_stats()
+    children: dict[int, list[int]] = {}
+    for pid, fields in stats.items():
+        children.setdefault(int(fields[PPID]), []).append(pid)
+    return {
+        name: sum(cpu_s(stats[pid]) for root in roots for pid in _tree(root, children) if pid in stats)
+        for name, roots in parts.items()
+    }
+
+
+def _tree(root: int, children: dict[int, list[int]]) -> list[int]:
+    found, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        found.append(pid)
+        stack.extend(children.get(pid, []))
+    return found
+
+
 def host_cpu_s(cpus: set[int]) -> dict[str, float]:
     """CPU seconds so far of the given CPUs, from /proc/stat: `busy` (user, nice, system, irq, softirq), `idle`
     (idle and iowait) and `stolen` (taken by the hypervisor for other guests: a shared machine's hidden cost)."""
