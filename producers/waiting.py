@@ -161,6 +161,9 @@ async def wait_for_jobs(
 ) -> list[JobView | None]:
     """The jobs' views once all (or any) of them are final, or after `wait_s` as they are then."""
     unique = list(dict.fromkeys(job_ids))
+    if wait_s <= 0:  # a plain read: no watch to register, and not counted as waiting
+        views = dict(zip(unique, await read(unique), strict=True))
+        return [views[job_id] for job_id in job_ids]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
     with hub.watch(unique) as watch:
