@@ -52,6 +52,11 @@ class ServiceStack:
         path = self.log_dir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def print_log_tails(self, *, chars: int = 3000) -> None:
+        """The end of every started service's log on stderr: what a script that failed shows before it re-raises."""
+        for name in self.processes:
+            print(f"--- {name} log (tail)\n{self.log_of(name)[-chars:]}", file=sys.stderr)
+
     def dead(self) -> list[str]:
         return [name for name, p in self.processes.items() if p.poll() is not None]
 

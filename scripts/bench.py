@@ -564,7 +564,7 @@ def measure_naive(
             )
             figures.fraud_low_load = closed_loop(session, clients=1, jobs=_fraud_low_load_jobs(counts))
     except BaseException:
-        print(stack.log_of("naive")[-3000:], file=sys.stderr)
+        stack.print_log_tails()
         raise
     finally:
         stack.stop()
@@ -718,8 +718,7 @@ def measure_inferq(
                 rounds = [meter.measure(lambda: _fraud_bulk(client, jobs)) for _ in range(_BULK_ROUNDS)]
                 figures.fraud_bulk = sorted(rounds, key=lambda loop: loop.per_s)[len(rounds) // 2]
     except BaseException:
-        for name in ("worker", "prep", "api") if two_stages else ("worker", "api"):
-            print(f"--- {name} log (tail)\n{stack.log_of(name)[-3000:]}", file=sys.stderr)
+        stack.print_log_tails()
         raise
     finally:
         stack.stop()

@@ -291,8 +291,7 @@ def run(plan: Plan) -> list[Measurement]:
             measurements.append(_measured(rig, "polling", parked, parts, idle_per_s, plan.rounds))
             return measurements
         except BaseException:
-            for name in ("worker", "api"):
-                print(f"--- {name} log (tail)\n{stack.log_of(name)[-3000:]}", file=sys.stderr)
+            stack.print_log_tails()
             raise
         finally:
             stack.stop()

@@ -428,8 +428,7 @@ def main() -> None:
             print_timeline(model, timelines(url, marks), floor_ms)
             print_commands(idle, busy, owners, len(jobs))
         except BaseException:
-            for name in ("worker", "api"):
-                print(f"--- {name} log (tail)\n{stack.log_of(name)[-3000:]}", file=sys.stderr)
+            stack.print_log_tails()
             raise
         finally:
             monitor.close()
