@@ -90,25 +90,45 @@ def _copy(source: Dataset, target: Dataset, keyword: str) -> None:
 
 
 def present_monochrome(
-    stored: np.ndarray, photometric: str, header: Dataset, *, little_endian: bool, halvings: int = 0
+    stored: np.ndarray,
+    photometric: str,
+    header: Dataset,
+    *,
+    little_endian: bool,
+    halvings: int = 0,
+    unused_bits_set: bool = False,
 ) -> np.ndarray:
     """The presented picture in [0, 1]: through a table for 8 and 16-bit integers (float32, checked finite and
     clipped to [0, 1] already), else computed on every pixel (float64, not yet checked).
 
     `halvings`: a picture presented through a table comes out halved that many times (block means, the first step
-    of `geometry.fit`), presented a strip at a time; one computed on every pixel comes out whole."""
+    of `geometry.fit`), presented a strip at a time; one computed on every pixel comes out whole.
+    `unused_bits_set`: the 8 or 16-bit values are the frame's bytes as stored, whose bits above BitsStored may
+    hold anything (PS3.5 8.1.1); each presents as the value those bits leave once cleared or sign-extended, as
+    pydicom's decoders correct them, but in the table rather than in a pass over every pixel."""
     presentation = _Presentation.from_header(header, photometric, little_endian=little_endian)
     if stored.dtype not in _TABLE_DTYPES:
         return presentation.apply(stored)
     # One entry for every bit pattern of the container, indexed by the pattern read unsigned (no copy): values
     # outside what BitsStored allows cannot come from a conforming decoder, and get what the steps give them.
     unsigned = np.dtype(f"u{stored.dtype.itemsize}")
-    patterns = np.arange(1 << (8 * stored.dtype.itemsize), dtype=np.int64).astype(unsigned)
-    table = presentation.apply(patterns.view(stored.dtype).astype(np.int64))
+    patterns = np.arange(1 << (8 * stored.dtype.itemsize), dtype=np.int64).astype(unsigned).view(stored.dtype)
+    if unused_bits_set:
+        patterns = _clear_unused_bits(patterns, int(header.BitsStored))
+    table = presentation.apply(patterns.astype(np.int64))
     if not np.all(np.isfinite(table)):
         raise InvalidImage("the image presents non-finite values")
     table = np.clip(table, 0.0, 1.0).astype(np.float32)
     return present_through_table(table, stored.view(unsigned), halvings)
+
+
+def _clear_unused_bits(patterns: np.ndarray, bits_stored: int) -> np.ndarray:
+    """Each value with the bits above `bits_stored` shifted out and back: cleared for an unsigned type,
+    sign-extended for a signed one (pydicom's `_correct_unused_bits`)."""
+    shift = 8 * patterns.dtype.itemsize - bits_stored
+    if shift <= 0:
+        return patterns
+    return np.right_shift(np.left_shift(patterns, shift), shift)
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,9 @@ from pydicom.uid import (
 )
 
 from inferq.protocol.errors import InferqError, InvalidImage, NoPixelData
-from inferq.protocol.media import ImageInfo
+from inferq.protocol.media import ImageInfo, open_dicom
 from inferq.protocol.registry import ImageInput
-from inferq.workers.imaging import Picture, preprocess, read_picture, to_model_input
+from inferq.workers.imaging import Picture, dicom, preprocess, read_picture, to_model_input
 
 MAX_PIXELS = 40_000_000
 SPEC = ImageInput(height=24, width=32, channels=3, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -486,3 +486,85 @@ def test_every_bundled_file_and_its_damaged_copies_give_a_picture_or_our_error()
             assert np.all(np.isfinite(pixels)) and pixels.min() >= 0.0 and pixels.max() <= 1.0, path.name
             outcomes["pictures"] += 1
     assert outcomes["pictures"] > 150 and outcomes["refusals"] > 300
+
+
+# --- uncompressed frames read in place
+
+
+def _in_place(data: bytes) -> bool:
+    info, dataset = open_dicom(data, max_image_pixels=MAX_PIXELS)
+    return dicom._as_stored(dataset, info, data) is not None
+
+
+def _through_the_decoder(data: bytes, monkeypatch: pytest.MonkeyPatch, spec: ImageInput | None = None) -> Any:
+    """What `read_picture` (or, given `spec`, `preprocess`) gives when pydicom's decoder reads the frame."""
+    with monkeypatch.context() as patched:
+        patched.setattr(dicom, "_IN_PLACE_SYNTAXES", ())
+        assert not _in_place(data)
+        if spec is None:
+            return _read(data)
+        return preprocess(data, spec, max_image_pixels=MAX_PIXELS)[0]
+
+
+def test_every_bundled_uncompressed_grey_frame_read_in_place_presents_as_the_decoded_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    compared = 0
+    for path in _bundled_files():
+        data = path.read_bytes()
+        try:
+            if not _in_place(data):
+                continue
+            picture = _read(data)
+        except InferqError:
+            continue
+        decoded = _through_the_decoder(data, monkeypatch)
+        assert picture.pixels.tobytes() == decoded.pixels.tobytes(), path.name
+        compared += 1
+    # CT_small (signed), MR_small (explicit, implicit, padded) and examples_overlay: the rest are compressed,
+    # big-endian, colour, or small enough that pydicom reads their pixels with the header.
+    assert compared >= 5
+
+
+@pytest.mark.parametrize(
+    ("stored", "bits_stored", "clean"),
+    [
+        # 12-bit unsigned values with the 4 unused bits set at random: they must be cleared.
+        (
+            LEVELS_12BIT | (np.random.default_rng(3).integers(0, 16, LEVELS.shape).astype(np.uint16) << 12),
+            12,
+            LEVELS_12BIT,
+        ),
+        # 12-bit signed values written without sign extension (0x0FFF for -1): they must be sign-extended.
+        (
+            ((LEVELS.astype(np.int16) * 16 - 2048) & 0x0FFF).astype(np.int16),
+            12,
+            (LEVELS.astype(np.int16) * 16 - 2048),
+        ),
+        # 7-bit values in 8-bit samples, the top bit set on every other pixel.
+        ((LEVELS >> 1) | (np.indices(LEVELS.shape).sum(axis=0) % 2 << 7).astype(np.uint8), 7, LEVELS >> 1),
+    ],
+    ids=["12bit-unsigned", "12bit-signed", "7bit-in-8"],
+)
+def test_bits_above_bits_stored_are_ignored_as_pydicom_ignores_them(
+    stored: np.ndarray, bits_stored: int, clean: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tiled so that the fit halves the picture while presenting it, as it does a detector-sized film.
+    tiles = (4, 4)
+    data = _dicom(np.tile(stored, tiles), bits_stored=bits_stored)
+    assert _in_place(data)
+    expected = _read(_dicom(np.tile(clean.astype(stored.dtype), tiles), bits_stored=bits_stored))
+    assert _read(data).pixels.tobytes() == expected.pixels.tobytes()
+    assert _read(data).pixels.tobytes() == _through_the_decoder(data, monkeypatch).pixels.tobytes()
+    tensor = preprocess(data, SPEC, max_image_pixels=MAX_PIXELS)[0]
+    assert tensor.tobytes() == _through_the_decoder(data, monkeypatch, SPEC).tobytes()
+    assert np.ptp(tensor) > 1.0  # a picture, not a constant
+
+
+def test_only_uncompressed_little_endian_grey_frames_are_read_in_place() -> None:
+    assert _in_place(_dicom(LEVELS_12BIT, bits_stored=12, transfer_syntax=ImplicitVRLittleEndian))
+    assert not _in_place(_dicom(LEVELS_12BIT, bits_stored=12, transfer_syntax=ExplicitVRBigEndian))
+    assert not _in_place(_dicom(LEVELS_12BIT, bits_stored=12, transfer_syntax=DeflatedExplicitVRLittleEndian))
+    assert not _in_place(_dicom(LEVELS_12BIT, bits_stored=12, transfer_syntax=RLELossless))
+    rgb = np.repeat(LEVELS[..., None], 3, axis=2)
+    assert not _in_place(_dicom(rgb, photometric="RGB"))
