@@ -12,6 +12,7 @@ is read only here.
 from __future__ import annotations
 
 import sys
+from io import BytesIO
 
 import numpy as np
 from pydicom.dataelem import RawDataElement
@@ -71,7 +72,7 @@ def read_dicom(data: bytes, *, max_image_pixels: int, spec: ImageInput | None = 
     if spec is not None:
         check_fits(info, spec)
     with third_party_boundary("DICOM image"):
-        frame = _encapsulated_frame(dataset, info)
+        frame = _encapsulated_frame(dataset, info, data)
         if frame is not None:
             _check_codestream_size(frame, info)
         as_stored = _as_stored(dataset, info, data) if frame is None else None
@@ -175,12 +176,21 @@ def _present(
 # --- guarding the decoder
 
 
-def _encapsulated_frame(dataset: Dataset, info: ImageInfo) -> bytes | None:
-    """Frame 0's compressed bytes (JPEG, JPEG-LS, JPEG 2000); None for native pixel data or RLE."""
+def _encapsulated_frame(dataset: Dataset, info: ImageInfo, data: bytes) -> bytes | None:
+    """Frame 0's compressed bytes (JPEG, JPEG-LS, JPEG 2000); None for native pixel data or RLE. Read from the
+    upload where the probe left the pixel data unread: reading it whole first copies every frame's fragments
+    (a 4.4 MB JPEG 2000 film: 7.0 ms against 3.3)."""
     transfer_syntax = dataset.file_meta.TransferSyntaxUID
     if not transfer_syntax.is_encapsulated or transfer_syntax == RLELossless:
         return None
-    return bytes(get_frame(dataset.PixelData, 0, number_of_frames=info.frames, extended_offsets=_offsets(dataset)))
+    element = dataset.get_item(_PIXEL_DATA, keep_deferred=True)
+    source: bytes | BytesIO
+    if isinstance(element, RawDataElement) and element.value is None:
+        source = BytesIO(data)
+        source.seek(element.value_tell)  # an encapsulated dataset is never deflated: the offset is the upload's
+    else:
+        source = dataset.PixelData
+    return bytes(get_frame(source, 0, number_of_frames=info.frames, extended_offsets=_offsets(dataset)))
 
 
 def _check_codestream_size(frame: bytes, info: ImageInfo) -> None:

@@ -18,6 +18,7 @@ from PIL import Image
 from pydicom.config import disable_value_validation
 from pydicom.data import get_charset_files, get_palette_files, get_testdata_file, get_testdata_files
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import get_frame
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -568,3 +569,25 @@ def test_only_uncompressed_little_endian_grey_frames_are_read_in_place() -> None
     assert not _in_place(_dicom(LEVELS_12BIT, bits_stored=12, transfer_syntax=RLELossless))
     rgb = np.repeat(LEVELS[..., None], 3, axis=2)
     assert not _in_place(_dicom(rgb, photometric="RGB"))
+
+
+def test_a_compressed_frame_is_read_from_the_upload_as_pydicom_reads_it_from_the_pixel_data() -> None:
+    from_upload = 0
+    for path in _bundled_files():
+        data = path.read_bytes()
+        try:
+            info, dataset = open_dicom(data, max_image_pixels=MAX_PIXELS)
+            deferred = dataset.get_item(dicom._PIXEL_DATA, keep_deferred=True).value is None
+            frame = dicom._encapsulated_frame(dataset, info, data)
+        except Exception:  # refused or damaged: what the reader makes of those files is tested above
+            continue
+        if frame is None or not deferred:  # uncompressed, RLE, or small enough to be read with the header
+            continue
+        # Still deferred: the frame came from the upload's bytes, not from the pixel data read whole.
+        assert dataset.get_item(dicom._PIXEL_DATA, keep_deferred=True).value is None, path.name
+        offsets = dicom._offsets(dataset)
+        expected = get_frame(dataset.PixelData, 0, number_of_frames=info.frames, extended_offsets=offsets)
+        assert frame == bytes(expected), path.name
+        from_upload += 1
+    # JPEG, JPEG-LS and JPEG 2000; a frame in three fragments (examples_jpeg2k), 30 frames (examples_ybr_color).
+    assert from_upload >= 8
