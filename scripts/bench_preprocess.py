@@ -10,7 +10,7 @@ Prints the median of several runs, the reduced time as a share of the model's co
 how far the reduced tensor is from the full one (max |difference| in picture units, i.e. of [0, 1]). For a PNG it
 also times the floor under any decoder: inflating the image data (zlib), which PNG has no way to skip or reduce.
 
-    .venv/bin/python scripts/bench_preprocess.py [--model chest-xray] [--runs 7]
+    .venv/bin/python scripts/bench_preprocess.py [--model chest-xray] [--runs 7] [--quick]
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="chest-xray")
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="the small samples only, one run each: a smoke run")
     args = parser.parse_args()
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     torch.set_num_threads(1)
@@ -88,26 +89,29 @@ def main() -> None:
     assert isinstance(spec.input, ImageInput), "preprocessing is measured for image models"
     image_spec = spec.input
     limit = settings.max_image_pixels
-    model_ms = _model_ms(args.model, max(3, args.runs // 2))
+    runs = 1 if args.quick else args.runs
+    model_ms = _model_ms(args.model, 1 if args.quick else max(3, runs // 2))
     print(f"model {args.model}: forward pass on one image, one core: {model_ms:.1f} ms")
     print(f"{'input kind':34} {'size':>11} {'full ms':>8} {'reduced ms':>10} {'x model':>8} {'max |d|':>8}")
     with tempfile.TemporaryDirectory() as tmp:
-        paths = write_samples(Path(tmp) / "small") + write_large_samples(Path(tmp) / "large")
+        paths = write_samples(Path(tmp) / "small")
+        if not args.quick:
+            paths += write_large_samples(Path(tmp) / "large")
         for path in paths:
             data = path.read_bytes()
             full_tensor = _full(data, image_spec, limit)
             reduced_tensor, info = preprocess(data, image_spec, max_image_pixels=limit)
             std = np.asarray(image_spec.std).reshape(-1, 1, 1)
             difference = float(np.abs((reduced_tensor - full_tensor) * std).max())
-            full_ms = _median_ms(partial(_full, data, image_spec, limit), args.runs)
-            reduced_ms = _median_ms(partial(preprocess, data, image_spec, max_image_pixels=limit), args.runs)
+            full_ms = _median_ms(partial(_full, data, image_spec, limit), runs)
+            reduced_ms = _median_ms(partial(preprocess, data, image_spec, max_image_pixels=limit), runs)
             share = reduced_ms / model_ms
             flag = "" if share <= TARGET_SHARE else "  over target"
             size = f"{info.rows}x{info.columns}"
             print(f"{path.name:34} {size:>11} {full_ms:8.1f} {reduced_ms:10.1f} {share:8.2f} {difference:8.4f}{flag}")
             if path.suffix == ".png":
                 image_data = _png_image_data(data)
-                inflate_ms = _median_ms(partial(zlib.decompress, image_data), args.runs)
+                inflate_ms = _median_ms(partial(zlib.decompress, image_data), runs)
                 floor = f"{inflate_ms:10.1f} {inflate_ms / model_ms:8.2f}"
                 print(f"  {'its inflate alone (zlib)':32} {'':>11} {'':>8} {floor}")
     print(f"target: reduced preprocessing <= {TARGET_SHARE:.0%} of the model's compute")
