@@ -98,9 +98,11 @@ __all__ = [
     "check_fits",
     "open_dicom",
     "open_raster",
+    "png_chunks",
     "probe",
     "sniff",
     "third_party_boundary",
+    "unread_pixel_data_offset",
 ]
 
 ACCEPTED_MEDIA = "DICOM Part 10 (128-byte preamble, then 'DICM'), PNG or JPEG"
@@ -332,16 +334,23 @@ def _raster_bits(data: bytes, kind: MediaKind, image: Image.Image) -> int | None
 def _png_significant_bits(data: bytes) -> int | None:
     """A PNG's sBIT value for its grey channel (PNG 11.3.3.4), which must come before the first IDAT; Pillow
     does not report it. 12-bit detector data is often written into a 16-bit PNG with sBIT 12."""
+    for kind, body in png_chunks(data):
+        if kind == b"IDAT":
+            return None
+        if kind == b"sBIT" and body:
+            return body[0]
+    return None
+
+
+def png_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(type, body) of each chunk of a PNG, in order, as far as the data holds them (a truncated last body is cut
+    short); CRCs are not checked."""
     offset = len(PNG_SIGNATURE)
     while offset + _PNG_CHUNK_HEADER_BYTES <= len(data):
         length = int.from_bytes(data[offset : offset + 4], "big")
-        kind = data[offset + 4 : offset + 8]
-        if kind == b"IDAT":
-            return None
-        if kind == b"sBIT" and length >= 1 and offset + 9 <= len(data):
-            return data[offset + 8]
-        offset += _PNG_CHUNK_HEADER_BYTES + length + 4  # header, body, CRC
-    return None
+        body_at = offset + _PNG_CHUNK_HEADER_BYTES
+        yield data[offset + 4 : body_at], data[body_at : body_at + length]
+        offset = body_at + length + 4  # past the body and its CRC
 
 
 # --- DICOM
@@ -523,16 +532,28 @@ def _check_pixel_length(dataset: Dataset, data: bytes, transfer_syntax: UID, fra
         return
     expected_bytes = int(get_expected_length(dataset, unit="bytes"))
     available_bytes = element.length
+    offset = unread_pixel_data_offset(dataset)
     if element.value is not None:
         available_bytes = min(available_bytes, len(element.value))
-    elif transfer_syntax != DeflatedExplicitVRLittleEndian:
-        # value_tell counts from the file's start, except in a deflated body, which zlib already checked.
-        available_bytes = min(available_bytes, len(data) - element.value_tell)
+    elif offset is not None:  # else deflated: zlib already checked the inflated size
+        available_bytes = min(available_bytes, len(data) - offset)
     if available_bytes < expected_bytes:
         raise InvalidImage(
             f"the pixel data holds {available_bytes} bytes but {frames} frame(s) need {expected_bytes}: "
             "the file is truncated or its header is wrong"
         )
+
+
+def unread_pixel_data_offset(dataset: Dataset) -> int | None:
+    """Where the pixel data's value starts in the upload `open_dicom` read `dataset` from, while the probe has
+    left it unread (larger than `_DEFER_BYTES`); None once read, or in a deflated dataset, whose offsets count
+    in the inflated body rather than the upload."""
+    element = dataset.get_item(_PIXEL_DATA, keep_deferred=True)
+    if not isinstance(element, RawDataElement) or element.value is not None:
+        return None
+    if dataset.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian:
+        return None
+    return int(element.value_tell)
 
 
 def _clean_modality(value: object) -> str | None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import struct
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ import torch
 
 from inferq.config import Settings
 from inferq.producers.samples import write_large_samples, write_samples
+from inferq.protocol.media import png_chunks
 from inferq.protocol.registry import ImageInput, load_registry
 from inferq.workers.architectures import build_architecture
 from inferq.workers.imaging import preprocess, read_picture, to_model_input
@@ -58,13 +58,7 @@ def _full(data: bytes, spec: ImageInput, limit: int) -> np.ndarray:
 
 def _png_image_data(data: bytes) -> bytes:
     """The concatenated IDAT chunks of a PNG: one zlib stream of every (filtered) row."""
-    chunks, position = [], 8  # past the signature
-    while position + 8 <= len(data):
-        (length,) = struct.unpack(">I", data[position : position + 4])
-        if data[position + 4 : position + 8] == b"IDAT":
-            chunks.append(data[position + 8 : position + 8 + length])
-        position += 12 + length  # length, type, data, CRC
-    return b"".join(chunks)
+    return b"".join(body for kind, body in png_chunks(data) if kind == b"IDAT")
 
 
 def _model_ms(spec_name: str, runs: int) -> float:

@@ -23,7 +23,16 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import MPEG2MPML, DeflatedExplicitVRLittleEndian
 
 from inferq.protocol.errors import ImageTooLarge, InvalidImage, NoPixelData, UnsupportedMedia, UnsupportedView
-from inferq.protocol.media import ImageInfo, MediaKind, check_fits, open_dicom, probe, sniff
+from inferq.protocol.media import (
+    ImageInfo,
+    MediaKind,
+    check_fits,
+    open_dicom,
+    png_chunks,
+    probe,
+    sniff,
+    unread_pixel_data_offset,
+)
 from inferq.protocol.registry import ImageInput
 
 MAX_PIXELS = 40_000_000
@@ -393,3 +402,37 @@ def test_open_dicom_hands_on_the_dataset_with_its_pixels_still_on_the_bytes() ->
     assert len(dataset.PixelData) == 64 * 64 * 2
     with pytest.raises(UnsupportedMedia):
         open_dicom(_png(np.zeros((2, 2), np.uint8)), max_image_pixels=MAX_PIXELS)
+
+
+# --- where the pixel data lies in the upload, and a PNG's chunks
+
+
+def test_unread_pixel_data_is_found_at_its_offset_in_the_upload() -> None:
+    dataset = _mr_small()
+    data = _save(dataset)
+    _, probed = open_dicom(data, max_image_pixels=MAX_PIXELS)
+    offset = unread_pixel_data_offset(probed)
+    assert offset is not None
+    pixels = dataset.PixelData
+    assert data[offset : offset + len(pixels)] == pixels
+    assert probed.PixelData == pixels  # read now: no longer on the upload alone
+    assert unread_pixel_data_offset(probed) is None
+
+
+def test_a_deflated_dataset_gives_no_offset_in_the_upload() -> None:
+    dataset = _mr_small()
+    dataset.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    _, probed = open_dicom(_save(dataset), max_image_pixels=MAX_PIXELS)
+    assert unread_pixel_data_offset(probed) is None  # its offsets count in the inflated body
+
+
+def test_png_chunks_are_walked_in_order_and_a_cut_last_body_comes_short() -> None:
+    buffer = BytesIO()
+    Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    kinds = [kind for kind, _ in png_chunks(data)]
+    assert kinds[0] == b"IHDR" and kinds[-1] == b"IEND" and b"IDAT" in kinds
+    image_data = b"".join(body for kind, body in png_chunks(data) if kind == b"IDAT")
+    assert len(zlib.decompress(image_data)) == 64 * (1 + 64 * 2)  # a filter byte and 64 16-bit samples a row
+    *_, (kind, body) = png_chunks(data[:-20])
+    assert kind == b"IDAT" and len(body) < len(image_data)

@@ -15,11 +15,9 @@ import sys
 from io import BytesIO
 
 import numpy as np
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 from pydicom.pixels import apply_color_lut, as_pixel_options, get_decoder
-from pydicom.tag import Tag
 from pydicom.uid import (
     JPEG2000,
     ExplicitVRLittleEndian,
@@ -31,7 +29,7 @@ from pydicom.uid import (
 )
 
 from inferq.protocol.errors import InvalidImage
-from inferq.protocol.media import ImageInfo, check_fits, open_dicom, third_party_boundary
+from inferq.protocol.media import ImageInfo, check_fits, open_dicom, third_party_boundary, unread_pixel_data_offset
 from inferq.protocol.registry import ImageInput
 from inferq.workers.imaging.codestream import (
     JPEG_BASELINE_SOF,
@@ -60,7 +58,6 @@ _JPEG_8BIT_SYNTAXES = (JPEGBaseline8Bit, JPEGExtended12Bit)  # the latter may ho
 _MAX_REDUCED_BITS = 16  # Pillow's JPEG 2000 reader holds a grey sample in at most 16 bits
 # Uncompressed syntaxes whose frame is the upload's own bytes in this host's order: read in place (`_as_stored`).
 _IN_PLACE_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if sys.byteorder == "little" else ()
-_PIXEL_DATA = Tag(0x7FE0, 0x0010)
 
 
 def read_dicom(data: bytes, *, max_image_pixels: int, spec: ImageInput | None = None) -> Picture:
@@ -105,15 +102,15 @@ def _as_stored(dataset: Dataset, info: ImageInfo, data: bytes) -> np.ndarray | N
     bits_allocated = int(dataset.BitsAllocated)
     if bits_allocated not in (8, 16):
         return None
-    element = dataset.get_item(_PIXEL_DATA, keep_deferred=True)
-    if not isinstance(element, RawDataElement) or element.value is not None:
+    offset = unread_pixel_data_offset(dataset)
+    if offset is None:
         return None  # read already (a small frame): pydicom's decoder costs nothing worth saving
     dtype = np.dtype(f"{'i' if dataset.get('PixelRepresentation', 0) == 1 else 'u'}{bits_allocated // 8}")
     count = info.rows * info.columns
     # The probe checked that the pixel data holds every frame; a frame past the upload's end is refused here too.
-    if element.value_tell + count * dtype.itemsize > len(data):
+    if offset + count * dtype.itemsize > len(data):
         return None
-    return np.frombuffer(data, dtype=dtype, count=count, offset=element.value_tell).reshape(info.rows, info.columns)
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(info.rows, info.columns)
 
 
 def _decode_first_frame(
@@ -183,13 +180,13 @@ def _encapsulated_frame(dataset: Dataset, info: ImageInfo, data: bytes) -> bytes
     transfer_syntax = dataset.file_meta.TransferSyntaxUID
     if not transfer_syntax.is_encapsulated or transfer_syntax == RLELossless:
         return None
-    element = dataset.get_item(_PIXEL_DATA, keep_deferred=True)
+    offset = unread_pixel_data_offset(dataset)
     source: bytes | BytesIO
-    if isinstance(element, RawDataElement) and element.value is None:
-        source = BytesIO(data)
-        source.seek(element.value_tell)  # an encapsulated dataset is never deflated: the offset is the upload's
-    else:
+    if offset is None:
         source = dataset.PixelData
+    else:
+        source = BytesIO(data)
+        source.seek(offset)
     return bytes(get_frame(source, 0, number_of_frames=info.frames, extended_offsets=_offsets(dataset)))
 
 
