@@ -272,14 +272,27 @@ def test_a_job_that_expires_while_it_waits_in_the_batcher_is_dropped(fraud: Mode
 
 
 def _paced_batcher(
-    stores: Stores, ran: list[list[int]], *, row_s: float, max_batch_ms: float | None, probe: bool = False
+    stores: Stores,
+    ran: list[list[int]],
+    *,
+    row_s: float,
+    max_batch_ms: float | None,
+    probe: bool = False,
+    urgent_seen: threading.Event | None = None,
 ) -> DynamicBatcher:
-    """A batcher over a stand-in model that costs `row_s` per row (what a CPU forward pass of an X-ray does)."""
+    """A batcher over a stand-in model that costs `row_s` per row (what a CPU forward pass of an X-ray does).
+    `urgent_seen` is set once its probe has found a more urgent job waiting."""
 
     def infer(batch: np.ndarray) -> np.ndarray:
         time.sleep(row_s * len(batch))
         ran.append([int(v) for v in batch[:, 0]])
         return batch[:, :1].copy()
+
+    def urgent_waiting(rank: int) -> bool:
+        waiting = stores.jobs.more_urgent_waiting("m", rank)
+        if waiting and urgent_seen is not None:
+            urgent_seen.set()
+        return waiting
 
     return DynamicBatcher(
         name="m",
@@ -288,7 +301,7 @@ def _paced_batcher(
         max_batch_size=8,
         batch_wait_ms=2000,
         max_batch_ms=max_batch_ms,
-        urgent_waiting=(lambda rank: stores.jobs.more_urgent_waiting("m", rank)) if probe else None,
+        urgent_waiting=urgent_waiting if probe else None,
     )
 
 
@@ -328,10 +341,17 @@ def _queued_stat(jobs: JobStore) -> str:
 
 
 @pytest.mark.parametrize("probe", [True, False])
-def test_a_routine_batch_waits_for_a_stat_job_being_fetched(stores: Stores, probe: bool) -> None:
-    # Given routine jobs waiting behind a running batch, and a STAT job queued for the model meanwhile
+def test_a_routine_batch_waits_for_a_stat_job_being_fetched(
+    stores: Stores, probe: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given routine jobs waiting behind a running batch, and a STAT job queued for the model meanwhile.
+    # The claim below stands for a worker's fetch into the slot the batch frees, which comes after the batcher's
+    # probe, and must land within the hold: 250 ms instead of 50 leaves room for a busy machine (the suite runs on
+    # two processes) and stays below the routine batch's 300 ms, past which there would be no probe.
+    monkeypatch.setattr(batcher_module, "URGENT_CLAIM_WAIT_S", 0.25)
+    urgent_seen = threading.Event()
     ran: list[list[int]] = []
-    batcher = _paced_batcher(stores, ran, row_s=0.15, max_batch_ms=None, probe=probe)
+    batcher = _paced_batcher(stores, ran, row_s=0.15, max_batch_ms=None, probe=probe, urgent_seen=urgent_seen)
     routine = _claimed(stores.jobs, 3)
     x = np.zeros((1, 30), dtype=np.float32)
     first = batcher.submit(*routine[0], x)
@@ -340,6 +360,8 @@ def test_a_routine_batch_waits_for_a_stat_job_being_fetched(stores: Stores, prob
     stat_id = _queued_stat(stores.jobs)
     # When the running batch ends, and the slot it frees fetches and claims the STAT job a moment later
     first.result(timeout=30)
+    if probe:
+        assert urgent_seen.wait(timeout=5)  # the probe found the STAT job waiting before it is claimed
     claim = stores.jobs.claim_result(stores.jobs.claim(stat_id, node="t", pid=1, lease_s=60))
     batcher.expect(0)
     time.sleep(0.1)  # decoding
